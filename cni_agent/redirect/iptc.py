@@ -1,0 +1,350 @@
+"""iptables-legacy backend on python-iptables (libiptc), run INSIDE the pod netns by the NetnsWorker.
+
+Why libiptc rather than spawning `iptables-restore`: no fork/exec per pod, and one atomic commit per
+table in which we can compare what is there with what we want and rewrite only our own chains.
+
+python-iptables has process-wide quirks this module contains:
+- `Table` objects are singletons per table name, and their libiptc handle (with a raw socket) is
+  bound to the netns of the thread that last refreshed it. We refresh every table of the family at
+  the start of each operation and close them all at the end, so no handle outlives the operation
+  (an open handle would also pin the pod netns after the pod is gone).
+- Creating any non-builtin target (CONNMARK, CT, a chain jump) scans *every* cached table handle for a
+  chain of that name; a closed handle there segfaults the process. Hence "refresh all, then build".
+- libxtables registers an extension's per-family variants only for the family active when its .so
+  is first dlopen'ed, and dlopen runs constructors once. libxt_NAT.so (REDIRECT, SNAT, DNAT) is
+  per-family, so after IPv4 use IPv6 REDIRECT is "not found" (and python-iptables' fallback of
+  calling the init function again makes libxtables exit(1) on "already registered"). We load a
+  private copy (memfd) of libxt_NAT.so under the other family once; see `_ensure_nat_targets`.
+- Building a rule redirects the process's fd 1 for a moment to read extension output. Nothing else
+  in the process should write to stdout while rules are built (log to stderr).
+All calls must come from one thread (the NetnsWorker), also for host-side use (`call_host`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import iptc  # python-iptables
+
+from cni_agent.redirect.rules import BUILTIN_CHAINS, OUR_CHAINS, OUR_TABLES, RuleSet
+
+NAME = "iptables-legacy"
+
+_ADDRESS_OPTIONS = {"-s": "src", "-d": "dst", "-p": "protocol", "-i": "in_interface", "-o": "out_interface"}
+_OPTION_ALIASES = {("REDIRECT", "to-port"): "to-ports"}
+"""iptables accepts unambiguous option prefixes (getopt); python-iptables' parsing does not."""
+
+
+class RulesError(Exception):
+    """A rule could not be translated, read or committed; says which table/chain/rule."""
+
+
+def _family_api(family: int) -> tuple[Any, Any, Any]:
+    """(Table class, Rule class, availability probe) for an address family."""
+    if family == 4:
+        return iptc.Table, iptc.Rule, iptc.is_table_available
+    if family == 6:
+        table6 = getattr(iptc, "Table6", None)
+        if table6 is None:
+            raise RulesError("python-iptables has no IPv6 support (libip6tc missing)")
+        return table6, iptc.Rule6, iptc.is_table6_available
+    raise RulesError(f"unknown address family {family!r}")
+
+
+_NAT_LOADED: set[int] = set()
+
+
+def _ensure_nat_targets(family: int) -> None:
+    """Make REDIRECT/SNAT/DNAT resolvable for `family` even if libxt_NAT.so was loaded for the other."""
+    if family in _NAT_LOADED:
+        return
+    xt_mod = iptc.xtables
+    proto = xt_mod.NFPROTO_IPV4 if family == 4 else xt_mod.NFPROTO_IPV6
+    xt = xt_mod.xtables(proto)
+    if not xt.find_target("REDIRECT"):
+        xt_mod.xtables._xtables_set_nfproto(proto)  # the copy's constructor registers for this family
+        source = os.path.join(xt_mod._xtables_libdir, "libxt_NAT.so")
+        with open(source, "rb") as src:
+            image = src.read()
+        try:
+            fd = os.memfd_create("libxt_NAT", os.MFD_CLOEXEC)
+            path = f"/proc/self/fd/{fd}"
+        except OSError:  # pragma: no cover - very old kernels
+            fd, path = tempfile.mkstemp(prefix="libxt_NAT-", suffix=".so")
+        try:
+            os.write(fd, image)
+            ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+        finally:
+            os.close(fd)
+            if not path.startswith("/proc/"):
+                os.unlink(path)
+    _NAT_LOADED.add(family)
+
+
+@contextmanager
+def iptc_session(family: int) -> Iterator[dict[str, Any]]:
+    """Fresh handles for every available table of `family` in the calling thread's netns; closed after.
+
+    Usable for host-side work too (from the worker via `call_host`), so the process shares one
+    discipline for the libiptc caches.
+    """
+    table_cls, _rule_cls, available = _family_api(family)
+    tables: dict[str, Any] = {}
+    try:
+        _ensure_nat_targets(family)
+        for name in table_cls.ALL:
+            if available(name):
+                table = table_cls(name, autocommit=False)
+                table.autocommit = False
+                table.refresh()
+                tables[name] = table
+        yield tables
+    except (iptc.IPTCError, iptc.XTablesError) as exc:
+        raise RulesError(f"iptables (IPv{family}): {exc}") from exc
+    finally:
+        for table in tables.values():
+            table.close()
+
+
+def build_iptc_rule(family: int, spec: Sequence[str]) -> Any:
+    """Translate iptables tokens (after `-A <chain>`) into a python-iptables Rule.
+
+    Covers what our rules use: `!`, -s/-d/-p/-i/-o, `-m <match> --opt [value]`, implicit protocol
+    matches (`-p tcp --dport 53`), `-j/-g <target> --opt [value]`. Jump targets must already exist
+    as chains in the session's table handles.
+    """
+    _table_cls, rule_cls, _available = _family_api(family)
+    rule = rule_cls()
+    protocol: str | None = None
+    current: Any = None
+    current_name = ""
+    negate = False
+    tokens = list(spec)
+    i = 0
+    try:
+        while i < len(tokens):
+            token = tokens[i]
+            if token == "!":
+                negate = True
+                i += 1
+                continue
+            if token in _ADDRESS_OPTIONS:
+                value = _arg(tokens, i)
+                setattr(rule, _ADDRESS_OPTIONS[token], ("!" if negate else "") + value)
+                if token == "-p":
+                    protocol = value
+                negate = False
+                i += 2
+                continue
+            if token == "-m":
+                _no_negation(negate, token, spec)
+                current_name = _arg(tokens, i)
+                current = rule.create_match(current_name)
+                i += 2
+                continue
+            if token in ("-j", "-g"):
+                _no_negation(negate, token, spec)
+                current_name = _arg(tokens, i)
+                current = rule.create_target(current_name, goto=(token == "-g"))
+                i += 2
+                continue
+            if token.startswith("--"):
+                name = token[2:]
+                values: list[str] = []
+                i += 1
+                while i < len(tokens) and tokens[i] != "!" and not tokens[i].startswith("-"):
+                    values.append(tokens[i])
+                    i += 1
+                if current is None:
+                    if protocol is None:
+                        raise RulesError(f"option {token} has no match in rule {' '.join(spec)!r}")
+                    current_name = protocol
+                    current = rule.create_match(protocol)  # iptables' implicit `-m <proto>`
+                name = _OPTION_ALIASES.get((current_name, name), name)
+                if len(values) <= 1:
+                    current.set_parameter(name, ("!" if negate else "") + (values[0] if values else ""))
+                else:
+                    current.set_parameter(name, (["!"] if negate else []) + values)
+                negate = False
+                continue
+            raise RulesError(f"unsupported token {token!r} in rule {' '.join(spec)!r}")
+        rule.final_check()
+    except (iptc.IPTCError, iptc.XTablesError, ValueError, AttributeError) as exc:
+        raise RulesError(f"cannot build rule {' '.join(spec)!r}: {exc}") from exc
+    return rule
+
+
+def _arg(tokens: list[str], i: int) -> str:
+    if i + 1 >= len(tokens):
+        raise RulesError(f"{tokens[i]} needs an argument in {' '.join(tokens)!r}")
+    return tokens[i + 1]
+
+
+def _no_negation(negate: bool, token: str, spec: Sequence[str]) -> None:
+    if negate:
+        raise RulesError(f"'!' before {token} is not supported in {' '.join(spec)!r}")
+
+
+def same_rule(a: Any, b: Any) -> bool:
+    """Rule equality that keeps match order and target identity (python-iptables' own ignores order)."""
+    if (a.src, a.dst, a.protocol, a.in_interface, a.out_interface) != (
+        b.src, b.dst, b.protocol, b.in_interface, b.out_interface
+    ):
+        return False
+    if a.nfproto == socket.AF_INET and a.fragment != b.fragment:  # IPv6 entries have no fragment flag
+        return False
+    am, bm = a.matches, b.matches
+    if len(am) != len(bm) or any(x.name != y.name or x != y for x, y in zip(am, bm, strict=True)):
+        return False
+    ta, tb = a.target, b.target
+    if ta is None or tb is None:
+        return ta is None and tb is None
+    return bool(ta.name == tb.name and ta.goto == tb.goto and ta == tb)
+
+
+def _same_list(want: Sequence[Any], have: Sequence[Any]) -> bool:
+    return len(want) == len(have) and all(same_rule(w, h) for w, h in zip(want, have, strict=True))
+
+
+def _refs_ours(rule: Any) -> bool:
+    target = rule.target
+    return target is not None and target.name in OUR_CHAINS
+
+
+def _builtin_chains(table: Any) -> list[Any]:
+    return [c for c in table.chains if c.name in BUILTIN_CHAINS and table.builtin_chain(c.name)]
+
+
+class IptablesLegacyBackend:
+    """Install, check and remove our chains with libiptc; one commit per table, foreign rules kept."""
+
+    name = NAME
+
+    def apply(self, rulesets: Sequence[RuleSet]) -> None:
+        """Make our chains and jumps exactly the rule sets' content; a no-op when already so."""
+        for rs in rulesets:
+            with iptc_session(rs.family) as tables:
+                for tname in OUR_TABLES:
+                    table = tables.get(tname)
+                    if table is None:
+                        if rs.rules_in(tname):
+                            raise RulesError(f"IPv{rs.family} table {tname} is not available in this netns")
+                        continue
+                    try:
+                        if self._sync_table(table, rs, tname):
+                            table.commit()
+                    except (iptc.IPTCError, iptc.XTablesError) as exc:
+                        raise RulesError(f"IPv{rs.family} {tname}: {exc}") from exc
+
+    def matches(self, rulesets: Sequence[RuleSet]) -> bool:
+        """True when exactly our rules (no more, no fewer, no duplicates) are present."""
+        for rs in rulesets:
+            with iptc_session(rs.family) as tables:
+                for tname in OUR_TABLES:
+                    table = tables.get(tname)
+                    if table is None:
+                        if rs.rules_in(tname):
+                            return False
+                        continue
+                    if not self._table_matches(table, rs, tname):
+                        return False
+        return True
+
+    def remove(self, families: Sequence[int]) -> None:
+        """Spec §8: drop jumps to our chains, flush and delete them; missing pieces are fine."""
+        for family in families:
+            with iptc_session(family) as tables:
+                for tname in OUR_TABLES:
+                    table = tables.get(tname)
+                    if table is None:
+                        continue
+                    changed = False
+                    for chain in _builtin_chains(table):
+                        for rule in reversed(chain.rules):
+                            if _refs_ours(rule):
+                                chain.delete_rule(rule)
+                                changed = True
+                    present = [c for c in OUR_CHAINS if table.is_chain(c)]
+                    for name in present:
+                        table.flush_entries(name)
+                        changed = True
+                    for name in present:
+                        # Still referenced by a foreign chain: spec §8 says errors are ignored.
+                        with suppress(iptc.IPTCError):
+                            table.delete_chain(name)
+                    if changed:
+                        table.commit()
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _sync_table(self, table: Any, rs: RuleSet, tname: str) -> bool:
+        changed = False
+        desired = rs.chains_declared(tname)
+        for chain_name in desired:
+            if not table.is_chain(chain_name):
+                table.create_chain(chain_name)
+                changed = True
+        # Our chains: rewrite the whole content when it differs in any way (drift repair).
+        for chain_name in desired:
+            want = [build_iptc_rule(rs.family, r.spec) for r in rs.chain_rules(tname, chain_name)]
+            chain = iptc.Chain(table, chain_name)
+            if not _same_list(want, chain.rules):
+                table.flush_entries(chain_name)
+                for rule in want:
+                    chain.append_rule(rule)
+                changed = True
+        # Builtin chains: keep one copy of each wanted jump, drop any other reference to our chains.
+        for chain in _builtin_chains(table):
+            remaining = [build_iptc_rule(rs.family, r.spec) for r in rs.chain_rules(tname, chain.name)]
+            stale = []
+            for rule in chain.rules:
+                if not _refs_ours(rule):
+                    continue
+                idx = next((k for k, w in enumerate(remaining) if same_rule(rule, w)), None)
+                if idx is None:
+                    stale.append(rule)
+                else:
+                    remaining.pop(idx)
+            for rule in stale:
+                chain.delete_rule(rule)
+                changed = True
+            for rule in remaining:
+                chain.append_rule(rule)
+                changed = True
+        # Our chains this variant does not use (e.g. raw with DNS capture now off).
+        for chain_name in OUR_CHAINS:
+            if chain_name not in desired and table.is_chain(chain_name):
+                table.flush_entries(chain_name)
+                table.delete_chain(chain_name)
+                changed = True
+        return changed
+
+    def _table_matches(self, table: Any, rs: RuleSet, tname: str) -> bool:
+        desired = rs.chains_declared(tname)
+        for chain_name in OUR_CHAINS:
+            if table.is_chain(chain_name) != (chain_name in desired):
+                return False
+        for chain_name in desired:
+            if not table.is_chain(chain_name):
+                return False
+            want = [build_iptc_rule(rs.family, r.spec) for r in rs.chain_rules(tname, chain_name)]
+            if not _same_list(want, iptc.Chain(table, chain_name).rules):
+                return False
+        for chain in _builtin_chains(table):
+            want = [build_iptc_rule(rs.family, r.spec) for r in rs.chain_rules(tname, chain.name)]
+            have = [r for r in chain.rules if _refs_ours(r)]
+            if not _same_list(want, have):
+                return False
+        return True
+
+
+def families_of(rulesets: Sequence[RuleSet]) -> tuple[int, ...]:
+    """Address families covered, in order, for removal calls."""
+    return tuple(dict.fromkeys(rs.family for rs in rulesets))
+

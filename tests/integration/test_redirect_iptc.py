@@ -1,0 +1,383 @@
+"""In-pod redirection against the real kernel: libiptc backend, routes, NetnsWorker, real traffic.
+
+The reference for "correct rules" is the spec text applied by the stock `iptables-legacy-restore`
+in a sibling netns; our backend must produce an identical `iptables-legacy-save`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from cni_agent.redirect.dataplane import KernelDataplane
+from cni_agent.redirect.iptc import IptablesLegacyBackend
+from cni_agent.redirect.netns import (
+    NetnsError,
+    NetnsWorker,
+    NetnsWorkerBroken,
+    current_netns_identity,
+    netns_identity,
+    open_netns,
+)
+from cni_agent.redirect.rules import RuleSet, RuleSettings, build_ruleset, render_iptables_restore
+from cni_agent.testing.capture import CaptureListeners
+from cni_agent.testing.netns import TestNetns
+
+pytestmark = pytest.mark.root
+
+TABLES = ("filter", "mangle", "nat", "raw")
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[NetnsWorker]:
+    with NetnsWorker() as w:
+        yield w
+
+
+@pytest.fixture
+def ns_factory() -> Iterator[list[TestNetns]]:
+    made: list[TestNetns] = []
+    yield made
+    for ns in made:
+        ns.cleanup()
+
+
+def new_ns(made: list[TestNetns]) -> TestNetns:
+    ns = TestNetns()
+    made.append(ns)
+    return ns.create()
+
+
+def _normalise(save_output: str) -> str:
+    """Drop comments and counters: what remains is the rule state."""
+    lines = []
+    for line in save_output.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            line = line.rsplit(" [", 1)[0]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def save(ns: TestNetns, table: str, family: int = 4) -> str:
+    tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+    return _normalise(ns.exec([tool, "-t", table], check=True).stdout)
+
+
+def restore(ns: TestNetns, rs: RuleSet) -> None:
+    tool = "iptables-legacy-restore" if rs.family == 4 else "ip6tables-legacy-restore"
+    ns.exec([tool, "--noflush", "-v"], input=render_iptables_restore(rs), check=True)
+
+
+def host_save() -> str:
+    """Host legacy state, read-only (no `-t`, which would instantiate tables on the host)."""
+    out = []
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        res = subprocess.run([tool], capture_output=True, text=True, check=True)
+        out.append(_normalise(res.stdout))
+    return "\n".join(out)
+
+
+def apply(worker: NetnsWorker, ns: TestNetns, *rulesets: RuleSet) -> None:
+    fd = ns.open()
+    worker.call(fd, lambda: IptablesLegacyBackend().apply(rulesets))
+
+
+def matches(worker: NetnsWorker, ns: TestNetns, *rulesets: RuleSet) -> bool:
+    return worker.call(ns.open(), lambda: IptablesLegacyBackend().matches(rulesets))
+
+
+VARIANTS = [
+    RuleSettings(),
+    RuleSettings(dns_capture=False, bypass_inbound=True, reroute_interfaces=("net1", "net2")),
+    RuleSettings(dns_capture=True, bypass_inbound=True),
+]
+
+
+# --- NetnsWorker -----------------------------------------------------------------------------------
+
+
+def test_open_netns_rejects_non_netns(tmp_path: object) -> None:
+    with pytest.raises(NetnsError, match="not a network namespace"):
+        open_netns("/proc/self/ns/uts")
+    with pytest.raises(NetnsError, match="not a namespace file"):
+        open_netns("/etc/hostname")
+    with pytest.raises(NetnsError, match="cannot open"):
+        open_netns("/var/run/netns/does-not-exist-acni")
+
+
+def test_worker_enters_and_always_returns(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    host = current_netns_identity()
+    assert worker.host_identity == host
+    assert worker.call(fd, current_netns_identity) == netns_identity(fd) != host
+
+    def boom() -> None:
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        worker.call(fd, boom)
+    assert worker.call_host(current_netns_identity) == host  # returned home despite the exception
+    with pytest.raises(NetnsError):
+        worker.call(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), current_netns_identity)
+    assert asyncio.run(worker.run(fd, current_netns_identity)) == netns_identity(fd)
+    assert worker.broken is None
+
+
+def test_worker_refuses_work_when_it_cannot_return(ns_factory: list[TestNetns]) -> None:
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    w = NetnsWorker(name="doomed")
+    real_host_fd = w._host_fd
+    w._host_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)  # setns back will fail
+    try:
+        ran = threading.Event()
+        with pytest.raises(NetnsWorkerBroken):
+            w.call(fd, ran.set)
+        assert ran.is_set()
+        assert w.broken is not None
+        with pytest.raises(NetnsWorkerBroken):
+            w.call_host(current_netns_identity)
+    finally:
+        w.close()
+        os.close(real_host_fd)
+
+
+# --- backend vs iptables-legacy-restore ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", VARIANTS, ids=["blockA", "bypass+ifaces", "bypass+dns"])
+def test_backend_equals_iptables_restore(
+    worker: NetnsWorker, ns_factory: list[TestNetns], settings: RuleSettings
+) -> None:
+    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    rulesets = [build_ruleset(settings, 4), build_ruleset(settings, 6)]
+    apply(worker, ours, *rulesets)
+    for rs in rulesets:
+        restore(ref, rs)
+    for family in (4, 6):
+        for table in TABLES:
+            assert save(ours, table, family) == save(ref, table, family), (family, table)
+    assert "ISTIO_PRERT" in save(ours, "mangle")  # the comparison is not vacuous
+    assert matches(worker, ours, *rulesets)
+
+
+def test_idempotent_drift_repair_foreign_rules_and_remove(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    host_before = host_save()
+    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    rs = build_ruleset(RuleSettings(), 4)
+    restore(ref, rs)
+    expected = {t: save(ref, t) for t in TABLES}
+
+    # A foreign chain and foreign rules in builtin chains must survive everything we do.
+    for cmd in (["-t", "nat", "-N", "FOREIGN"], ["-t", "nat", "-A", "FOREIGN", "-j", "RETURN"],
+                ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7777", "-j", "FOREIGN"]):
+        ours.exec(["iptables-legacy", *cmd], check=True)
+        ref.exec(["iptables-legacy", *cmd], check=True)
+    # ref got the foreign rules after ours; put ours' in the same order by applying after them.
+    ref_expected_nat = save(ref, "nat")
+
+    apply(worker, ours, rs)
+    apply(worker, ours, rs)
+    nat = save(ours, "nat")
+    assert nat.count("-A OUTPUT -j ISTIO_OUTPUT") == 1
+    assert "-A FOREIGN -j RETURN" in nat and "--dport 7777 -j FOREIGN" in nat
+    assert sorted(nat.splitlines()) == sorted(ref_expected_nat.splitlines())
+    for t in ("filter", "mangle", "raw"):
+        assert save(ours, t) == expected[t]
+    assert matches(worker, ours, rs)
+
+    # Drift: one of our rules deleted, a stray one added, a duplicate jump added.
+    ours.exec(["iptables-legacy", "-t", "nat", "-D", "ISTIO_OUTPUT", "-p", "tcp", "-m", "mark", "--mark",
+               "0x111/0xfff", "-j", "ACCEPT"], check=True)
+    ours.exec(["iptables-legacy", "-t", "nat", "-A", "ISTIO_OUTPUT", "-p", "tcp", "--dport", "9999", "-j",
+               "ACCEPT"], check=True)
+    ours.exec(["iptables-legacy", "-t", "mangle", "-A", "OUTPUT", "-j", "ISTIO_OUTPUT"], check=True)
+    assert not matches(worker, ours, rs)
+    apply(worker, ours, rs)
+    assert matches(worker, ours, rs)
+    assert sorted(save(ours, "nat").splitlines()) == sorted(ref_expected_nat.splitlines())
+    assert save(ours, "mangle") == expected["mangle"]
+
+    # Variant switch: DNS off removes the raw chains and the DNS redirects.
+    dns_off = build_ruleset(RuleSettings(dns_capture=False), 4)
+    apply(worker, ours, dns_off)
+    assert matches(worker, ours, dns_off) and not matches(worker, ours, rs)
+    assert "ISTIO" not in save(ours, "raw")
+    assert "15053" not in save(ours, "nat")
+
+    # Remove: none of ours left, foreign rules intact, and removing again is fine.
+    worker.call(ours.open(), lambda: IptablesLegacyBackend().remove((4, 6)))
+    worker.call(ours.open(), lambda: IptablesLegacyBackend().remove((4, 6)))
+    for t in TABLES:
+        assert "ISTIO" not in save(ours, t)
+    assert "-A FOREIGN -j RETURN" in save(ours, "nat")
+    assert "--dport 7777 -j FOREIGN" in save(ours, "nat")
+    assert host_save() == host_before
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+
+def test_install_routes_verify_uninstall(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    dp = KernelDataplane(worker, ipv6=True)
+    settings = RuleSettings()
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        before = await dp.verify(fd, settings)
+        await dp.install(fd, settings)
+        await dp.install(fd, settings)  # idempotent, EEXIST on the rule is fine
+        after = await dp.verify(fd, settings)
+        other = await dp.verify(fd, RuleSettings(dns_capture=False))
+        return before, after, other
+
+    before, after, other = asyncio.run(scenario())
+    assert (before, after, other) == (False, True, False)
+    rules4 = ns.exec(["ip", "rule"], check=True).stdout
+    rules6 = ns.exec(["ip", "-6", "rule"], check=True).stdout
+    assert rules4.count("32764:\tfrom all fwmark 0x111/0xfff lookup 100") == 1
+    assert rules6.count("32764:\tfrom all fwmark 0x111/0xfff lookup 100") == 1
+    assert "local default dev lo" in ns.exec(["ip", "route", "show", "table", "100"], check=True).stdout
+    assert "local default dev lo" in ns.exec(["ip", "-6", "route", "show", "table", "100"], check=True).stdout
+    assert "ISTIO_OUTPUT" in save(ns, "nat", 6)
+
+    asyncio.run(dp.uninstall(fd))
+    asyncio.run(dp.uninstall(fd))  # not-found is success
+    assert "32764" not in ns.exec(["ip", "rule"], check=True).stdout
+    assert "32764" not in ns.exec(["ip", "-6", "rule"], check=True).stdout
+    assert ns.exec(["ip", "route", "show", "table", "100"]).stdout.strip() == ""
+    for family in (4, 6):
+        for t in TABLES:
+            assert "ISTIO" not in save(ns, t, family)
+    assert asyncio.run(dp.verify(fd, settings)) is False
+
+
+# --- real traffic ----------------------------------------------------------------------------------
+
+
+def _socket_in(worker: NetnsWorker, fd: int, mark: int | None = None) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if mark is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.settimeout(5)
+        return s
+
+    return worker.call(fd, make)
+
+
+def test_real_traffic_is_redirected(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    pod, peer = new_ns(ns_factory), new_ns(ns_factory)
+    pod.veth(peer, "10.241.7.1/24", "10.241.7.2/24")
+    pod_fd, peer_fd = pod.open(), peer.open()
+    asyncio.run(KernelDataplane(worker).install(pod_fd, RuleSettings()))
+
+    plain = worker.call(peer_fd, lambda: socket.create_server(("10.241.7.2", 8081)))
+    with CaptureListeners(pod_fd, worker=worker) as cap, plain:
+        # outbound from the pod -> 15001, original destination preserved
+        with _socket_in(worker, pod_fd) as c:
+            c.connect(("10.241.7.2", 8080))
+        out = cap.wait_for(lambda i: i.original_dst == ("10.241.7.2", 8080))
+        assert out.port == 15001 and out.peer[0] == "10.241.7.1"
+
+        # inbound to the pod -> 15006
+        with _socket_in(worker, peer_fd) as c:
+            c.connect(("10.241.7.1", 9090))
+        inbound = cap.wait_for(lambda i: i.original_dst == ("10.241.7.1", 9090))
+        assert inbound.port == 15006 and inbound.peer[0] == "10.241.7.2"
+
+        # HBONE port is never redirected: lands on 15008 directly
+        with _socket_in(worker, peer_fd) as c:
+            c.connect(("10.241.7.1", 15008))
+        hbone = cap.wait_for(lambda i: i.port == 15008)
+        assert hbone.original_dst == ("10.241.7.1", 15008)
+
+        # ztunnel-marked traffic from the pod bypasses capture and reaches the real peer
+        with _socket_in(worker, pod_fd, mark=0x539) as c:
+            c.connect(("10.241.7.2", 8081))
+            plain.settimeout(5)
+            accepted, addr = plain.accept()
+            accepted.close()
+        assert addr[0] == "10.241.7.1"
+        assert not any(i.original_dst[1] == 8081 for i in cap.intercepted)
+
+    # Without our rules the same outbound connection is refused by the peer: the redirect did it.
+    asyncio.run(KernelDataplane(worker).uninstall(pod_fd))
+    with _socket_in(worker, pod_fd) as c, pytest.raises(ConnectionRefusedError):
+        c.connect(("10.241.7.2", 8080))
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+def test_concurrent_installs_land_in_their_own_netns(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    host_before = host_save()
+    variants = [
+        RuleSettings(),
+        RuleSettings(dns_capture=False),
+        RuleSettings(bypass_inbound=True),
+        RuleSettings(dns_capture=False, reroute_interfaces=("vifX",)),
+    ]
+    refs = []
+    for v in variants:
+        ref = new_ns(ns_factory)
+        restore(ref, build_ruleset(v, 4))
+        refs.append({t: save(ref, t) for t in TABLES})
+
+    pods = [new_ns(ns_factory) for _ in range(16)]
+
+    def settings_for(i: int) -> RuleSettings:
+        v = variants[i % 4]
+        return RuleSettings(v.dns_capture, v.bypass_inbound, (f"vif{i}",)) if v.reroute_interfaces else v
+
+    dp = KernelDataplane(worker)
+
+    async def install_all() -> None:
+        await asyncio.gather(*(dp.install(p.open(), settings_for(i)) for i, p in enumerate(pods)))
+
+    asyncio.run(install_all())
+    for i, p in enumerate(pods):
+        for t in TABLES:
+            assert save(p, t) == refs[i % 4][t].replace("vifX", f"vif{i}"), (i, t)
+    assert host_save() == host_before
+    assert "ISTIO" not in host_save()
+
+
+def test_capture_listeners_bind_in_the_target_netns(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    with CaptureListeners(fd, worker=worker, ports=(15001,)):
+        listening = ns.exec(["ss", "-Hltn", "sport", "= :15001"], check=True).stdout
+        assert "15001" in listening
+        with contextlib.closing(socket.socket()) as s:  # not in the host netns
+            s.settimeout(1)
+            assert s.connect_ex(("127.0.0.1", 15001)) != 0
+
+
+def test_dataplane_error_names_the_failed_step(worker: NetnsWorker) -> None:
+    from cni_agent.redirect.dataplane import DataplaneError
+
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(DataplaneError) as info:
+            asyncio.run(KernelDataplane(worker).install(fd, RuleSettings()))
+        assert info.value.step == "enter netns"
+        assert "setns" in str(info.value)
+    finally:
+        os.close(fd)
+    assert worker.broken is None
