@@ -44,7 +44,9 @@ def _default_pod_source(environ: Mapping[str, str]) -> str:
 
 # The contract table of design.md; `{pod_source}` and `{node_name}` defaults are computed.
 RUN_OPTIONS: tuple[Option, ...] = (
-    Option("--pod-source", "", "where pods come from (default: kubernetes in a cluster, else local)", POD_SOURCES),
+    Option(
+        "--pod-source", "", "where pods come from (default: kubernetes in a cluster, else local)", POD_SOURCES
+    ),
     Option("--run-dir", "/var/run/ambient-cni", "agent run dir: plugin.sock, admin.sock, state files"),
     Option("--ztunnel-socket", "/var/run/ztunnel/ztunnel.sock", "ZDS socket the agent listens on"),
     Option("--rules-backend", "auto", "in-pod rule backend", RULES_BACKENDS),
@@ -58,7 +60,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("--log-level", "info", "log level", LOG_LEVELS),
     Option("--dns-capture", "true", "capture DNS to ztunnel by default (pods may override)"),
     Option("--ipv6", "false", "also program IPv6 rules"),
-    Option("--netns-host-prefix", "", "prefix for host netns paths when the agent runs in a container (e.g. /host)"),
+    Option(
+        "--netns-host-prefix",
+        "",
+        "prefix for host netns paths when the agent runs in a container (e.g. /host)",
+    ),
 )
 
 

@@ -61,7 +61,12 @@ class LocalRegistry:
         except (OSError, ValueError) as exc:
             aside = self.path.with_suffix(".corrupt")
             os.replace(self.path, aside)
-            log.error("local registry unreadable; starting empty", path=str(self.path), kept_as=str(aside), error=str(exc))
+            log.error(
+                "local registry unreadable; starting empty",
+                path=str(self.path),
+                kept_as=str(aside),
+                error=str(exc),
+            )
             return []
         if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
             log.error("local registry has an unknown format; ignoring it", path=str(self.path))

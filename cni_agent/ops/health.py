@@ -18,7 +18,7 @@ ReadyCheck = Callable[[], tuple[bool, str]]
 
 
 class HealthServer:
-    def __init__(self, port: int, ready: ReadyCheck, host: str = "0.0.0.0") -> None:  # noqa: S104 - kubelet probes
+    def __init__(self, port: int, ready: ReadyCheck, host: str = "0.0.0.0") -> None:
         self.port = port
         self.host = host
         self._ready = ready
@@ -52,8 +52,9 @@ class HealthServer:
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             payload = (body + "\n").encode()
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(payload)}\r\n"
-                f"Connection: close\r\n\r\n".encode() + payload
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
             )
             await writer.drain()
         except (TimeoutError, ConnectionError):

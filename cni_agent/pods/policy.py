@@ -28,7 +28,12 @@ def local_decision(
 ) -> Decision:
     if pod.host_network:
         return Decision(False, "host-network pod")
-    if own_namespace and own_name_prefix and pod.namespace == own_namespace and pod.name.startswith(own_name_prefix):
+    if (
+        own_namespace
+        and own_name_prefix
+        and pod.namespace == own_namespace
+        and pod.name.startswith(own_name_prefix)
+    ):
         return Decision(False, "the agent's own pod")
     if pod.namespace in exclude_namespaces:
         return Decision(False, f"namespace {pod.namespace} is excluded")
@@ -38,7 +43,9 @@ def local_decision(
 DEFAULT_NETNS_ROOTS: tuple[str, ...] = ("/var/run/netns", "/run/netns")
 
 
-def netns_path_allowed(resolved: str, *, roots: Iterable[str] = DEFAULT_NETNS_ROOTS, proc: str = "/proc") -> bool:
+def netns_path_allowed(
+    resolved: str, *, roots: Iterable[str] = DEFAULT_NETNS_ROOTS, proc: str = "/proc"
+) -> bool:
     """Is an already *resolved* (realpath) netns path one we are willing to open?
 
     Only bind-mounted namespaces under the runtime's netns dirs or a process's `ns/net` qualify: a
@@ -56,7 +63,14 @@ def netns_path_allowed(resolved: str, *, roots: Iterable[str] = DEFAULT_NETNS_RO
     parts = norm[len(proc) + 1 :].split("/") if norm.startswith(proc + "/") else []
     if len(parts) == 3 and parts[0].isdigit() and parts[1:] == ["ns", "net"]:
         return True
-    return len(parts) == 5 and parts[0].isdigit() and parts[1] == "task" and parts[2].isdigit() and parts[3:] == [
-        "ns",
-        "net",
-    ]
+    return (
+        len(parts) == 5
+        and parts[0].isdigit()
+        and parts[1] == "task"
+        and parts[2].isdigit()
+        and parts[3:]
+        == [
+            "ns",
+            "net",
+        ]
+    )

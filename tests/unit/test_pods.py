@@ -21,10 +21,15 @@ def test_local_decision() -> None:
     assert local_decision(pod(), exclude_namespaces={"kube-system"}).enroll
     assert not local_decision(pod("kube-system"), exclude_namespaces={"kube-system"}).enroll
     own = pod("istio-system", "ambient-cni-node-x7")
-    assert not local_decision(own, exclude_namespaces=(), own_namespace="istio-system",
-                              own_name_prefix="ambient-cni-node-").enroll
-    assert local_decision(pod("istio-system", "other"), exclude_namespaces=(), own_namespace="istio-system",
-                          own_name_prefix="ambient-cni-node-").enroll
+    assert not local_decision(
+        own, exclude_namespaces=(), own_namespace="istio-system", own_name_prefix="ambient-cni-node-"
+    ).enroll
+    assert local_decision(
+        pod("istio-system", "other"),
+        exclude_namespaces=(),
+        own_namespace="istio-system",
+        own_name_prefix="ambient-cni-node-",
+    ).enroll
     assert not local_decision(pod(host_network=True), exclude_namespaces=()).enroll
 
 

@@ -1,0 +1,303 @@
+"""The orchestrator: the order of operations for adding and removing pods, startup and shutdown.
+
+It owns no sockets and no kernel state itself; it sequences the adapters (dataplane, ZDS server,
+pod cache, pod source) and turns their failures into the two kinds of errors that cross the CNI
+boundary: temporary (code 11, the runtime retries) and permanent (code 7, bad netns or rules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from cni_agent.cni.request import CniError, CniRequest
+from cni_agent.config import Settings
+from cni_agent.local.registry import LocalRegistry
+from cni_agent.pods.cache import PodCache
+from cni_agent.pods.model import Pod
+from cni_agent.pods.policy import DEFAULT_NETNS_ROOTS, Decision, local_decision, netns_path_allowed
+from cni_agent.redirect.dataplane import Dataplane, DataplaneError
+from cni_agent.redirect.netns import open_netns
+from cni_agent.redirect.rules import RuleSettings, settings_from_annotations
+from cni_agent.zds.protocol import WorkloadInfo, ZdsError
+from cni_agent.zds.server import SnapshotEntry
+
+log = structlog.get_logger(__name__)
+
+# CNI error codes we emit (cni.md §8).
+CODE_INVALID_ENV = 4
+CODE_INVALID_CONFIG = 7
+CODE_TRY_AGAIN = 11
+CODE_NOT_AVAILABLE = 50
+
+
+class Ztunnels(Protocol):
+    """What the orchestrator needs from the ZDS server (cni_agent.zds.server.ZdsServer)."""
+
+    async def add_workload(self, uid: str, info: WorkloadInfo, netns_fd: int) -> None: ...
+    async def del_workload(self, uid: str) -> None: ...
+
+    @property
+    def connected(self) -> int: ...
+
+
+@dataclass
+class PodStatus:
+    """What `status`/`inspect` report per pod: the three facts an operator asks first."""
+
+    enrolled: bool = False
+    rules: bool = False
+    ztunnel_acked: bool = False
+    last_error: str = ""
+
+
+@dataclass
+class Agent:
+    settings: Settings
+    dataplane: Dataplane
+    ztunnels: Ztunnels
+    registry: LocalRegistry
+    cache: PodCache = field(default_factory=PodCache)
+    open_netns: Callable[[str], int] = open_netns
+    status: dict[str, PodStatus] = field(default_factory=dict)
+    ready: bool = False
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Reload the local registry so the first ztunnel snapshot names every pod we enrolled.
+
+        A pod whose netns is gone died while we were down (its DEL never reached us): forget it
+        rather than put a stale pod in a snapshot (agent-behaviour.md §15.11). Surviving pods get
+        their rules re-applied, which is a no-op when they are intact and a repair when not.
+        """
+        kept: list[Pod] = []
+        for pod in self.registry.load():
+            try:
+                fd = self.open_netns(self._host_path(pod.netns_path))
+            except OSError as exc:
+                log.info(
+                    "dropping pod whose netns is gone",
+                    pod=f"{pod.namespace}/{pod.name}",
+                    uid=pod.uid,
+                    netns=pod.netns_path,
+                    error=str(exc),
+                )
+                continue
+            cached = self.cache.upsert(pod, fd)
+            assert cached.netns_fd is not None
+            try:
+                await self.dataplane.install(cached.netns_fd, self._rule_settings(pod))
+            except DataplaneError as exc:
+                log.error("could not re-apply rules for restored pod", uid=pod.uid, error=str(exc))
+                self.status[pod.uid] = PodStatus(enrolled=True, last_error=str(exc))
+            else:
+                self.status[pod.uid] = PodStatus(enrolled=True, rules=True)
+            kept.append(pod)
+        self.registry.save(kept)
+        log.info("local registry restored", pods=len(kept))
+
+    def mark_ready(self) -> None:
+        self.ready = True
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        """Every cached pod, for a (re)connecting ztunnel: Add with fd when known, else Keep."""
+        return [
+            SnapshotEntry(uid=e.pod.uid, info=_workload_info(e.pod), netns_fd=e.netns_fd)
+            for e in self.cache.entries()
+        ]
+
+    def close(self) -> None:
+        self.cache.close()
+
+    # ---- CNI handler (cni_agent.cni.server.CniHandler) ---------------------------------------
+
+    async def cni_add(self, req: CniRequest) -> None:
+        pod = pod_from_request(req, self.settings)
+        decision = self._decide(pod, req)
+        if not decision.enroll:
+            log.info("pod not enrolled", pod=str(pod.ref), reason=decision.reason)
+            return
+        async with self._pod_lock(pod.uid):
+            await self._add(pod)
+
+    async def cni_del(self, req: CniRequest) -> None:
+        uid = req.pod_uid or self.cache.find_container(req.container_id) or req.container_id
+        async with self._pod_lock(uid):
+            await self._remove(uid, pod_deleted=True)
+
+    async def cni_check(self, req: CniRequest) -> None:
+        uid = req.pod_uid or self.cache.find_container(req.container_id) or ""
+        entry = self.cache.get(uid) if uid else None
+        if entry is None:
+            pod = pod_from_request(req, self.settings)
+            if not self._decide(pod, req).enroll:
+                return
+            raise CniError(
+                CODE_TRY_AGAIN, f"pod {pod.ref} is not enrolled", "the agent has no record of this pod"
+            )
+        if entry.netns_fd is None or not await self.dataplane.verify(
+            entry.netns_fd, self._rule_settings(entry.pod)
+        ):
+            raise CniError(
+                CODE_TRY_AGAIN,
+                f"pod {entry.pod.ref}: redirect rules missing or different",
+                "the agent will re-apply them; check `cni-agent inspect`",
+            )
+        st = self.status.get(uid)
+        if st is None or not st.ztunnel_acked:
+            raise CniError(
+                CODE_TRY_AGAIN,
+                f"pod {entry.pod.ref}: ztunnel has not acknowledged it",
+                st.last_error if st else "",
+            )
+
+    async def cni_status(self) -> None:
+        if not self.ready:
+            raise CniError(
+                CODE_NOT_AVAILABLE, "cni-agent is starting", "ADD requests will be served once ready"
+            )
+
+    async def cni_gc(self, req: CniRequest, valid: list[tuple[str, str]]) -> None:
+        keep = {cid for cid, _ifname in valid}
+        for entry in self.cache.entries():
+            cid = entry.pod.container_id
+            if cid and cid not in keep:
+                async with self._pod_lock(entry.pod.uid):
+                    await self._remove(entry.pod.uid, pod_deleted=True)
+
+    # ---- flows -------------------------------------------------------------------------------
+
+    async def _add(self, pod: Pod) -> None:
+        """agent-behaviour.md §4: netns → routes+rules → ztunnel Add (ack) → persist."""
+        path = self._host_path(pod.netns_path)
+        self._check_netns_path(pod, path)
+        try:
+            fd = self.open_netns(path)
+        except OSError as exc:
+            raise CniError(
+                CODE_INVALID_CONFIG,
+                f"pod {pod.ref}: cannot open netns {pod.netns_path}: {exc.strerror or exc}",
+                "CNI_NETNS must name the pod's network namespace",
+            ) from exc
+        cached = self.cache.upsert(pod, fd)
+        assert cached.netns_fd is not None
+        st = self.status.setdefault(pod.uid, PodStatus())
+        st.enrolled = True
+        try:
+            await self.dataplane.install(cached.netns_fd, self._rule_settings(pod))
+        except DataplaneError as exc:
+            self.cache.forget(pod.uid)
+            self.status.pop(pod.uid, None)
+            raise CniError(
+                CODE_INVALID_CONFIG,
+                f"pod {pod.ref}: installing redirect rules failed: {exc}",
+                "the pod was not enrolled; see the agent log",
+            ) from exc
+        st.rules = True
+        self._persist()
+        try:
+            await self.ztunnels.add_workload(pod.uid, _workload_info(pod), cached.netns_fd)
+        except ZdsError as exc:
+            st.ztunnel_acked, st.last_error = False, str(exc)
+            raise CniError(
+                CODE_TRY_AGAIN,
+                f"pod {pod.ref}: {exc}",
+                "rules are in place; the runtime will retry once a ztunnel is connected and acks",
+            ) from exc
+        st.ztunnel_acked, st.last_error = True, ""
+        log.info("pod enrolled", pod=str(pod.ref), uid=pod.uid, netns=pod.netns_path, ips=list(pod.ips))
+
+    async def _remove(self, uid: str, *, pod_deleted: bool) -> None:
+        """agent-behaviour.md §5. For a deleted pod the rules die with its netns, so only ztunnel is told."""
+        entry = self.cache.get(uid)
+        if entry is None:
+            log.debug("DEL for unknown pod", uid=uid)
+        if entry is not None and not pod_deleted and entry.netns_fd is not None:
+            await self.dataplane.uninstall(entry.netns_fd)
+        try:
+            await self.ztunnels.del_workload(uid)
+        except ZdsError as exc:
+            log.warning(
+                "ztunnel did not confirm removal; its next snapshot will drop the pod",
+                uid=uid,
+                error=str(exc),
+            )
+        if entry is not None:
+            self.cache.forget(uid)
+            self.status.pop(uid, None)
+            self._persist()
+            log.info("pod removed", pod=str(entry.pod.ref), uid=uid)
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _pod_lock(self, uid: str) -> AsyncIterator[None]:
+        """ADD, DEL and audits of one pod never interleave; different pods run in parallel."""
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+                self._locks.pop(uid, None)
+
+    def _decide(self, pod: Pod, req: CniRequest) -> Decision:
+        """The agent's exclusions and the ones in the request's conflist entry both apply."""
+        return local_decision(
+            pod,
+            exclude_namespaces=self.settings.exclude_namespaces | frozenset(req.settings.exclude_namespaces),
+            own_namespace=req.settings.pod_namespace,
+            own_name_prefix=req.settings.pod_name_prefix,
+        )
+
+    def _persist(self) -> None:
+        self.registry.save([e.pod for e in self.cache.entries()])
+
+    def _rule_settings(self, pod: Pod) -> RuleSettings:
+        settings, warnings = settings_from_annotations(pod.annotations, self.settings.dns_capture)
+        for warning in warnings:
+            log.warning("ignoring pod annotation", pod=str(pod.ref), problem=warning)
+        return settings
+
+    def _host_path(self, netns: str) -> str:
+        return self.settings.netns_host_prefix + netns if netns else netns
+
+    def _check_netns_path(self, pod: Pod, path: str) -> None:
+        if not pod.netns_path:
+            raise CniError(
+                CODE_INVALID_ENV, f"pod {pod.ref}: CNI_NETNS is empty", "ADD needs the pod's netns path"
+            )
+        resolved = os.path.realpath(path)
+        prefix = self.settings.netns_host_prefix
+        roots = [prefix + r for r in DEFAULT_NETNS_ROOTS]
+        if not netns_path_allowed(resolved, roots=roots, proc=str(self.settings.host_proc)):
+            raise CniError(
+                CODE_INVALID_ENV,
+                f"pod {pod.ref}: CNI_NETNS {pod.netns_path!r} is not under an allowed netns root",
+                f"allowed: {', '.join(roots)}, {self.settings.host_proc}/<pid>/ns/net "
+                f"(resolved to {resolved})",
+            )
+
+
+def pod_from_request(req: CniRequest, settings: Settings) -> Pod:
+    """Local mode identity: the K8S_POD_* args when present, otherwise the container id."""
+    return Pod(
+        uid=req.pod_uid or req.container_id,
+        name=req.pod_name or req.container_id,
+        namespace=req.pod_namespace,
+        ips=req.ips,
+        netns_path=req.netns,
+        container_id=req.container_id,
+    )
+
+
+def _workload_info(pod: Pod) -> WorkloadInfo:
+    return WorkloadInfo(name=pod.name, namespace=pod.namespace, service_account=pod.service_account)

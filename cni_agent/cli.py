@@ -1,0 +1,160 @@
+"""Command line: `cni-agent run | demo | status | inspect POD | version`.
+
+Parsing and wiring only: flags become one validated Settings object (config.py), and `run` builds
+the adapters and hands them to the orchestrator (agent.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from cni_agent import __version__
+from cni_agent.config import ConfigError, Settings, add_run_arguments, resolve
+from cni_agent.ops import logging as ops_logging
+
+log = structlog.get_logger("cni_agent")
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Start every component in the order of agent-behaviour.md §8, serve until `stop`, then shut down."""
+    from cni_agent.agent import Agent
+    from cni_agent.cni.server import PluginServer
+    from cni_agent.local.registry import LocalRegistry
+    from cni_agent.redirect.dataplane import KernelDataplane
+    from cni_agent.redirect.netns import NetnsWorker
+    from cni_agent.zds.server import ZdsServer
+
+    if settings.pod_source != "local":
+        raise ConfigError(
+            "--pod-source kubernetes is not available yet in this build; use --pod-source local"
+        )
+    if settings.rules_backend == "nftables":
+        raise ConfigError(
+            "--rules-backend nftables is not available yet in this build; use iptables-legacy or auto"
+        )
+    settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    worker = NetnsWorker()
+    agent: Agent | None = None
+    zds = ZdsServer(str(settings.ztunnel_socket), lambda: agent.snapshot() if agent else [])
+    agent = Agent(
+        settings, KernelDataplane(worker, ipv6=settings.ipv6), zds, LocalRegistry(settings.local_registry)
+    )
+    plugin = PluginServer(str(settings.plugin_socket), agent)
+    try:
+        await agent.restore()
+        await zds.bind()
+        await plugin.start()
+        await zds.start_accepting()
+        agent.mark_ready()
+        plugin.mark_ready()
+        log.info(
+            "cni-agent ready",
+            version=__version__,
+            pod_source=settings.pod_source,
+            plugin_socket=str(settings.plugin_socket),
+            ztunnel_socket=str(settings.ztunnel_socket),
+            rules_backend="iptables-legacy",
+            pods=len(agent.cache),
+        )
+        await stop.wait()
+        log.info("cni-agent stopping")
+    finally:
+        await plugin.close()
+        await zds.close()
+        agent.close()
+        worker.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    ops_logging.configure(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    registry = settings.local_registry
+    pods = json.loads(registry.read_text()).get("pods", []) if registry.exists() else []
+    out = {
+        "ready_marker": settings.ready_marker.exists(),
+        "plugin_socket": str(settings.plugin_socket),
+        "plugin_socket_present": settings.plugin_socket.exists(),
+        "pods": [
+            {"pod": f"{p['namespace']}/{p['name']}", "uid": p["uid"], "netns": p["netns_path"]} for p in pods
+        ],
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    registry = settings.local_registry
+    pods = json.loads(registry.read_text()).get("pods", []) if registry.exists() else []
+    for p in pods:
+        if args.pod in (p["uid"], p["name"], f"{p['namespace']}/{p['name']}", p.get("container_id")):
+            print(json.dumps(p, indent=2))
+            return 0
+    print(f"cni-agent: no enrolled pod matches {args.pod!r} (registry {registry})", file=sys.stderr)
+    return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cni_agent.demo import run_demo
+
+    return run_demo(plugin=Path(args.plugin), keep_logs=args.keep_logs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cni-agent", description="Istio ambient node agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the agent")
+    add_run_arguments(p_run)
+    p_run.set_defaults(func=cmd_run)
+    p_demo = sub.add_parser("demo", help="enrol pods on a throwaway local node, end to end (root)")
+    p_demo.add_argument("--plugin", default="build/bin/ambient-cni", help="path of the built shim")
+    p_demo.add_argument("--keep-logs", action="store_true", help="print the agent's log at the end")
+    p_demo.set_defaults(func=cmd_demo)
+    p_status = sub.add_parser("status", help="what the agent on this node has enrolled")
+    add_run_arguments(p_status)
+    p_status.set_defaults(func=cmd_status)
+    p_inspect = sub.add_parser("inspect", help="one pod's record")
+    p_inspect.add_argument("pod", help="uid, name, namespace/name or container id")
+    add_run_arguments(p_inspect)
+    p_inspect.set_defaults(func=cmd_inspect)
+    p_version = sub.add_parser("version", help="print the version")
+    p_version.set_defaults(func=lambda _a: print(f"cni-agent {__version__}") or 0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"cni-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Fixtures for root integration tests: the built shim, a real agent process, a local node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHIM = REPO / "build" / "bin" / "ambient-cni"
+
+
+def _go() -> str:
+    return shutil.which("go") or "/usr/local/go/bin/go"
+
+
+@pytest.fixture(scope="session")
+def shim() -> Path:
+    """The shim as `make plugin` builds it; rebuilt when a Go source is newer than the binary."""
+    sources = list((REPO / "plugin").glob("*.go"))
+    if not SHIM.exists() or any(s.stat().st_mtime > SHIM.stat().st_mtime for s in sources):
+        SHIM.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(SHIM), "."],
+            cwd=REPO / "plugin",
+            check=True,
+            env={**os.environ, "CGO_ENABLED": "0"},
+        )
+    return SHIM
+
+
+@pytest.fixture
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Short paths: a Unix socket path must fit in 108 bytes.
+    d = Path(tmp_path_factory.mktemp("a", numbered=True))
+    yield d
