@@ -28,6 +28,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     from cni_agent.agent import Agent
     from cni_agent.cni.server import PluginServer
     from cni_agent.local.registry import LocalRegistry
+    from cni_agent.ops.health import HealthServer
+    from cni_agent.ops.metrics import Metrics
     from cni_agent.redirect.dataplane import KernelDataplane
     from cni_agent.redirect.netns import NetnsWorker
     from cni_agent.zds.server import ZdsServer
@@ -41,14 +43,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             "--rules-backend nftables is not available yet in this build; use iptables-legacy or auto"
         )
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    metrics = Metrics()
     worker = NetnsWorker()
     agent: Agent | None = None
-    zds = ZdsServer(str(settings.ztunnel_socket), lambda: agent.snapshot() if agent else [])
-    agent = Agent(
-        settings, KernelDataplane(worker, ipv6=settings.ipv6), zds, LocalRegistry(settings.local_registry)
+    zds = ZdsServer(
+        str(settings.ztunnel_socket),
+        lambda: agent.snapshot() if agent else [],
+        on_change=metrics.ztunnel_connected.set,
     )
+    dataplane = KernelDataplane(worker, ipv6=settings.ipv6)
+    agent = Agent(settings, dataplane, zds, LocalRegistry(settings.local_registry))
     plugin = PluginServer(str(settings.plugin_socket), agent)
+    metrics.watch_plugin_requests(lambda: plugin.responses)
+    metrics.pods_enrolled.set_function(lambda: len(agent.cache) if agent else 0)
+    metrics.rules_backend.labels(backend="iptables-legacy").set(1)
+    health = HealthServer(
+        settings.health_port, lambda: (True, "") if agent and agent.ready else (False, "starting")
+    )
     try:
+        metrics.serve(settings.metrics_port)
+        await health.start()
         await agent.restore()
         await zds.bind()
         await plugin.start()
@@ -67,6 +81,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
         log.info("cni-agent stopping")
     finally:
+        await health.close()
         await plugin.close()
         await zds.close()
         agent.close()
