@@ -35,6 +35,7 @@ class Target:
 TARGETS: tuple[Target, ...] = (
     Target("zds.proto", "cni_agent/zds/_pb"),
     Target("admin.proto", "cni_agent/ops/_pb", grpc=True),
+    Target("cri/api.proto", "cni_agent/testing/_cri", grpc=True),
 )
 
 INIT_TEXT = '"""Generated protobuf modules (see cni_agent/protogen.py). Do not edit by hand."""\n'
@@ -67,6 +68,8 @@ def generate(target: Target, out_dir: Path) -> list[Path]:
     include = str(resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",
+        # proto/<dir>/x.proto: search <dir> first so the modules land flat in the package (x_pb2.py)
+        *([f"-I{PROTO_DIR / Path(target.proto).parent}"] if "/" in target.proto else []),
         f"-I{PROTO_DIR}",
         f"-I{include}",
         f"--python_out={out_dir}",

@@ -1,0 +1,1 @@
+"""Generated protobuf modules (see cni_agent/protogen.py). Do not edit by hand."""
