@@ -21,7 +21,8 @@ from cni_agent.config import Settings
 from cni_agent.local.registry import LocalRegistry
 from cni_agent.pods.cache import PodCache
 from cni_agent.pods.model import Pod
-from cni_agent.pods.policy import DEFAULT_NETNS_ROOTS, Decision, local_decision, netns_path_allowed
+from cni_agent.pods.netnspath import NetnsPathError, host_netns_path
+from cni_agent.pods.policy import Decision, local_decision
 from cni_agent.redirect.dataplane import Dataplane, DataplaneError
 from cni_agent.redirect.netns import open_netns
 from cni_agent.redirect.rules import RuleSettings, settings_from_annotations
@@ -78,17 +79,27 @@ class Agent:
         rather than put a stale pod in a snapshot (agent-behaviour.md §15.11). Surviving pods get
         their rules re-applied, which is a no-op when they are intact and a repair when not.
         """
-        kept: list[Pod] = []
-        for pod in self.registry.load():
+        kept = 0
+        for pod, saved_id in self.registry.load():
             try:
-                fd = self.open_netns(self._host_path(pod.netns_path))
-            except OSError as exc:
+                fd = self._open_pod_netns(pod)
+            except CniError as exc:
                 log.info(
                     "dropping pod whose netns is gone",
-                    pod=f"{pod.namespace}/{pod.name}",
+                    pod=str(pod.ref),
                     uid=pod.uid,
                     netns=pod.netns_path,
-                    error=str(exc),
+                    error=exc.msg,
+                )
+                continue
+            if saved_id is not None and _identity(fd) != saved_id:
+                # the path now names another namespace (e.g. a reused /proc/<pid>): never touch it
+                os.close(fd)
+                log.info(
+                    "dropping pod whose netns was replaced",
+                    pod=str(pod.ref),
+                    uid=pod.uid,
+                    netns=pod.netns_path,
                 )
                 continue
             cached = self.cache.upsert(pod, fd)
@@ -100,9 +111,9 @@ class Agent:
                 self.status[pod.uid] = PodStatus(enrolled=True, last_error=str(exc))
             else:
                 self.status[pod.uid] = PodStatus(enrolled=True, rules=True)
-            kept.append(pod)
-        self.registry.save(kept)
-        log.info("local registry restored", pods=len(kept))
+            kept += 1
+        self._persist()
+        log.info("local registry restored", pods=kept)
 
     def mark_ready(self) -> None:
         self.ready = True
@@ -129,12 +140,14 @@ class Agent:
             await self._add(pod)
 
     async def cni_del(self, req: CniRequest) -> None:
-        uid = req.pod_uid or self.cache.find_container(req.container_id) or req.container_id
+        uid = self._uid_for(req)
+        if uid is None:
+            return
         async with self._pod_lock(uid):
             await self._remove(uid, pod_deleted=True)
 
     async def cni_check(self, req: CniRequest) -> None:
-        uid = req.pod_uid or self.cache.find_container(req.container_id) or ""
+        uid = self._uid_for(req)
         entry = self.cache.get(uid) if uid else None
         if entry is None:
             pod = pod_from_request(req, self.settings)
@@ -151,7 +164,7 @@ class Agent:
                 f"pod {entry.pod.ref}: redirect rules missing or different",
                 "the agent will re-apply them; check `cni-agent inspect`",
             )
-        st = self.status.get(uid)
+        st = self.status.get(entry.pod.uid)
         if st is None or not st.ztunnel_acked:
             raise CniError(
                 CODE_TRY_AGAIN,
@@ -177,16 +190,7 @@ class Agent:
 
     async def _add(self, pod: Pod) -> None:
         """agent-behaviour.md §4: netns → routes+rules → ztunnel Add (ack) → persist."""
-        path = self._host_path(pod.netns_path)
-        self._check_netns_path(pod, path)
-        try:
-            fd = self.open_netns(path)
-        except OSError as exc:
-            raise CniError(
-                CODE_INVALID_CONFIG,
-                f"pod {pod.ref}: cannot open netns {pod.netns_path}: {exc.strerror or exc}",
-                "CNI_NETNS must name the pod's network namespace",
-            ) from exc
+        fd = self._open_pod_netns(pod)
         cached = self.cache.upsert(pod, fd)
         assert cached.netns_fd is not None
         st = self.status.setdefault(pod.uid, PodStatus())
@@ -194,8 +198,7 @@ class Agent:
         try:
             await self.dataplane.install(cached.netns_fd, self._rule_settings(pod))
         except DataplaneError as exc:
-            self.cache.forget(pod.uid)
-            self.status.pop(pod.uid, None)
+            self._forget(pod.uid)
             raise CniError(
                 CODE_INVALID_CONFIG,
                 f"pod {pod.ref}: installing redirect rules failed: {exc}",
@@ -206,6 +209,15 @@ class Agent:
         try:
             await self.ztunnels.add_workload(pod.uid, _workload_info(pod), cached.netns_fd)
         except ZdsError as exc:
+            if not exc.retryable:
+                # ztunnel can never take this pod as it is (e.g. a name over the protocol's limits):
+                # retrying would loop forever, so fail for good and forget it.
+                self._forget(pod.uid)
+                raise CniError(
+                    CODE_INVALID_CONFIG,
+                    f"pod {pod.ref}: {exc}",
+                    "ztunnel cannot accept this pod; it was not enrolled",
+                ) from exc
             st.ztunnel_acked, st.last_error = False, str(exc)
             raise CniError(
                 CODE_TRY_AGAIN,
@@ -231,9 +243,7 @@ class Agent:
                 error=str(exc),
             )
         if entry is not None:
-            self.cache.forget(uid)
-            self.status.pop(uid, None)
-            self._persist()
+            self._forget(uid)
             log.info("pod removed", pod=str(entry.pod.ref), uid=uid)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -259,7 +269,31 @@ class Agent:
         )
 
     def _persist(self) -> None:
-        self.registry.save([e.pod for e in self.cache.entries()])
+        self.registry.save([(e.pod, e.netns_id) for e in self.cache.entries()])
+
+    def _forget(self, uid: str) -> None:
+        self.cache.forget(uid)
+        self.status.pop(uid, None)
+        self._persist()
+
+    def _uid_for(self, req: CniRequest) -> str | None:
+        """The pod a DEL/CHECK is about, or None when it names another sandbox of the pod.
+
+        A pod keeps its UID across sandbox re-creations and containerd repeats DEL for the old
+        sandbox at removal: that DEL must not remove the pod's current sandbox from ztunnel.
+        """
+        uid = req.pod_uid or self.cache.find_container(req.container_id) or req.container_id
+        entry = self.cache.get(uid) if uid else None
+        if entry is not None and req.container_id and entry.pod.container_id not in ("", req.container_id):
+            log.info(
+                "request names an older sandbox of this pod; leaving the current one alone",
+                command=req.command,
+                uid=uid,
+                request_container=req.container_id,
+                current_container=entry.pod.container_id,
+            )
+            return None
+        return uid or None
 
     def _rule_settings(self, pod: Pod) -> RuleSettings:
         settings, warnings = settings_from_annotations(pod.annotations, self.settings.dns_capture)
@@ -267,24 +301,50 @@ class Agent:
             log.warning("ignoring pod annotation", pod=str(pod.ref), problem=warning)
         return settings
 
-    def _host_path(self, netns: str) -> str:
-        return self.settings.netns_host_prefix + netns if netns else netns
+    def _open_pod_netns(self, pod: Pod) -> int:
+        """Open the pod's netns, refusing paths outside the netns roots and the host's own netns.
 
-    def _check_netns_path(self, pod: Pod, path: str) -> None:
+        Installing pod rules into the host (or the agent's) netns would capture the whole node's
+        traffic (agent-behaviour.md §15.12), so identity is checked after opening, on the fd.
+        """
         if not pod.netns_path:
             raise CniError(
                 CODE_INVALID_ENV, f"pod {pod.ref}: CNI_NETNS is empty", "ADD needs the pod's netns path"
             )
-        resolved = os.path.realpath(path)
-        prefix = self.settings.netns_host_prefix
-        roots = [prefix + r for r in DEFAULT_NETNS_ROOTS]
-        if not netns_path_allowed(resolved, roots=roots, proc=str(self.settings.host_proc)):
-            raise CniError(
-                CODE_INVALID_ENV,
-                f"pod {pod.ref}: CNI_NETNS {pod.netns_path!r} is not under an allowed netns root",
-                f"allowed: {', '.join(roots)}, {self.settings.host_proc}/<pid>/ns/net "
-                f"(resolved to {resolved})",
+        try:
+            path = host_netns_path(
+                pod.netns_path, prefix=self.settings.netns_host_prefix, host_proc=str(self.settings.host_proc)
             )
+        except (NetnsPathError, OSError) as exc:
+            raise CniError(
+                CODE_INVALID_ENV, f"pod {pod.ref}: {exc}", "CNI_NETNS must name the pod's netns"
+            ) from exc
+        try:
+            fd = self.open_netns(path)
+        except (OSError, ValueError) as exc:
+            raise CniError(
+                CODE_INVALID_CONFIG,
+                f"pod {pod.ref}: cannot open netns {pod.netns_path}: {exc}",
+                "CNI_NETNS must name the pod's network namespace",
+            ) from exc
+        if _identity(fd) in self._host_netns_ids():
+            os.close(fd)
+            raise CniError(
+                CODE_INVALID_CONFIG,
+                f"pod {pod.ref}: CNI_NETNS {pod.netns_path} is the host's network namespace",
+                "refusing to install pod redirection on the node itself",
+            )
+        return fd
+
+    def _host_netns_ids(self) -> set[tuple[int, int]]:
+        ids = set()
+        for path in (f"{self.settings.host_proc}/1/ns/net", "/proc/self/ns/net", "/proc/1/ns/net"):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            ids.add((st.st_dev, st.st_ino))
+        return ids
 
 
 def pod_from_request(req: CniRequest, settings: Settings) -> Pod:
@@ -297,6 +357,11 @@ def pod_from_request(req: CniRequest, settings: Settings) -> Pod:
         netns_path=req.netns,
         container_id=req.container_id,
     )
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
 
 
 def _workload_info(pod: Pod) -> WorkloadInfo:

@@ -313,6 +313,13 @@ func (sh *shim) run(stdin io.Reader) int {
 	if err != nil {
 		return sh.fallback(err)
 	}
+	code := *reply.ExitCode
+	if sh.cmd == "DEL" && code != 0 {
+		// DEL must never fail (a failed DEL stops the chain and leaks the pod's IP), whatever an
+		// agent of another version says: keep its words for the log, report success.
+		io.WriteString(sh.stderr, "ambient-cni: DEL: agent reported a failure; ignoring it: "+reply.Stdout+"\n")
+		reply.Stdout, code = "", 0
+	}
 	io.WriteString(sh.stdout, reply.Stdout)
 	if reply.Stderr != "" {
 		io.WriteString(sh.stderr, reply.Stderr)
@@ -320,7 +327,7 @@ func (sh *shim) run(stdin io.Reader) int {
 			io.WriteString(sh.stderr, "\n")
 		}
 	}
-	return *reply.ExitCode
+	return code
 }
 
 func (sh *shim) unreachable(cause error, pod string) cniError {

@@ -294,3 +294,18 @@ func TestPassThrough(t *testing.T) {
 		t.Fatal("array prevResult accepted")
 	}
 }
+
+func TestDelNeverFailsEvenWhenAgentSaysSo(t *testing.T) {
+	// e.g. an agent of another version refusing the envelope: DEL still exits 0 with empty stdout
+	sock, _ := fakeAgent(t, `{"exit_code": 1, "stdout": "{\"code\":6,\"msg\":\"unsupported shim protocol version 2\"}", "stderr": ""}`)
+	exit, stdout, stderr := runShim(t, map[string]string{"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"},
+		`{"cniVersion":"1.0.0","agent_socket":"`+sock+`"}`)
+	if exit != 0 || stdout != "" || !strings.Contains(stderr, "unsupported shim protocol version 2") {
+		t.Fatalf("exit %d stdout %q stderr %q", exit, stdout, stderr)
+	}
+	// and the same reply for ADD is passed through as a failure
+	sock, _ = fakeAgent(t, `{"exit_code": 1, "stdout": "{\"code\":6}", "stderr": ""}`)
+	if exit, _, _ := runShim(t, map[string]string{"CNI_COMMAND": "ADD"}, `{"cniVersion":"1.0.0","agent_socket":"`+sock+`"}`); exit != 1 {
+		t.Fatalf("ADD exit %d, want 1", exit)
+	}
+}

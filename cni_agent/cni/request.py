@@ -173,6 +173,31 @@ def parse_cni_args(text: str) -> dict[str, str]:
     return args
 
 
+def parse_del_lenient(env: Mapping[str, str], stdin: bytes) -> CniRequest:
+    """What a DEL that failed validation still tells us: the container and the pod, nothing else.
+
+    DEL must always attempt the removal (cni.md §7): a stale config, an odd CNI_ARGS pair or a newer
+    runtime's field must not leave a dead pod enrolled (and in every ztunnel snapshot) forever.
+    """
+    args: dict[str, str] = {}
+    for pair in env.get("CNI_ARGS", "").split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key and "=" not in value:
+            args[key] = value
+    return CniRequest(
+        command="DEL",
+        cni_version=sniff_version(stdin),
+        container_id=env.get("CNI_CONTAINERID", ""),
+        netns=env.get("CNI_NETNS", ""),
+        ifname=env.get("CNI_IFNAME", ""),
+        args=args,
+        pod_namespace=args.get("K8S_POD_NAMESPACE", ""),
+        pod_name=args.get("K8S_POD_NAME", ""),
+        pod_uid=args.get("K8S_POD_UID", ""),
+        infra_container_id=args.get("K8S_POD_INFRA_CONTAINER_ID", ""),
+    )
+
+
 def _command(env: Mapping[str, str]) -> str:
     command = env.get("CNI_COMMAND", "")
     if not command:

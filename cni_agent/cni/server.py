@@ -33,6 +33,7 @@ from cni_agent.cni.request import (
     CniRequest,
     ErrorCode,
     emit_result,
+    parse_del_lenient,
     parse_request,
     sniff_version,
     version_info,
@@ -269,6 +270,8 @@ class PluginServer:
                     ErrorCode.TRY_AGAIN_LATER, f"ambient-cni agent error: {exc!r}", "the runtime will retry"
                 )
             if command == "DEL":
+                # Only validation can fail here (_dispatch never raises for DEL): still remove the pod.
+                await self._del_best_effort(parse_del_lenient(env, stdin))
                 return self._del_ignored(env, err)
             return self._fail(label, err, sniff_version(stdin), env)
         self.responses[(label, 0)] += 1
@@ -289,12 +292,7 @@ class PluginServer:
                 await self.handler.cni_add(req)
                 return stdout
             case "DEL":
-                try:
-                    await self.handler.cni_del(req)
-                except Exception as exc:
-                    log.warning(
-                        "DEL failed; reporting success (DEL must not fail)", pod=_pod_of(req), error=repr(exc)
-                    )
+                await self._del_best_effort(req)
                 return ""
             case "CHECK":
                 await self.handler.cni_check(req)
@@ -305,6 +303,12 @@ class PluginServer:
             case _:  # VERSION
                 return version_info(req.cni_version)
         return ""
+
+    async def _del_best_effort(self, req: CniRequest) -> None:
+        try:
+            await self.handler.cni_del(req)
+        except Exception as exc:
+            log.warning("DEL failed; reporting success (DEL must not fail)", pod=_pod_of(req), error=str(exc))
 
     def _del_ignored(self, env: Mapping[str, str], err: CniError) -> Reply:
         self.responses[("DEL", 0)] += 1

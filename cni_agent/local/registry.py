@@ -22,8 +22,12 @@ log = structlog.get_logger(__name__)
 FORMAT_VERSION = 1
 
 
-def _pod_to_json(pod: Pod) -> dict[str, Any]:
+NetnsId = tuple[int, int]
+
+
+def _pod_to_json(pod: Pod, netns_id: NetnsId | None) -> dict[str, Any]:
     return {
+        "netns_id": list(netns_id) if netns_id else None,
         "uid": pod.uid,
         "name": pod.name,
         "namespace": pod.namespace,
@@ -35,7 +39,9 @@ def _pod_to_json(pod: Pod) -> dict[str, Any]:
     }
 
 
-def _pod_from_json(obj: dict[str, Any]) -> Pod:
+def _pod_from_json(obj: dict[str, Any]) -> tuple[Pod, NetnsId | None]:
+    raw_id = obj.get("netns_id")
+    netns_id = (int(raw_id[0]), int(raw_id[1])) if isinstance(raw_id, list) and len(raw_id) == 2 else None
     return Pod(
         uid=str(obj["uid"]),
         name=str(obj.get("name", "")),
@@ -45,15 +51,18 @@ def _pod_from_json(obj: dict[str, Any]) -> Pod:
         annotations={str(k): str(v) for k, v in dict(obj.get("annotations", {})).items()},
         netns_path=str(obj.get("netns_path", "")),
         container_id=str(obj.get("container_id", "")),
-    )
+    ), netns_id
 
 
 class LocalRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> list[Pod]:
-        """Read the registry; a missing file is an empty node, a corrupt one is kept aside and reported."""
+    def load(self) -> list[tuple[Pod, NetnsId | None]]:
+        """Read the registry: each pod with the (st_dev, st_ino) of the netns it was enrolled in.
+
+        A missing file is an empty node; a corrupt one is kept aside and reported.
+        """
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -73,12 +82,10 @@ class LocalRegistry:
             return []
         return [_pod_from_json(p) for p in data.get("pods", [])]
 
-    def save(self, pods: list[Pod]) -> None:
+    def save(self, pods: list[tuple[Pod, NetnsId | None]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps(
-            {"version": FORMAT_VERSION, "pods": [_pod_to_json(p) for p in sorted(pods, key=lambda p: p.uid)]},
-            indent=1,
-        )
+        records = [_pod_to_json(p, i) for p, i in sorted(pods, key=lambda e: e[0].uid)]
+        body = json.dumps({"version": FORMAT_VERSION, "pods": records}, indent=1)
         fd, tmp = tempfile.mkstemp(prefix=".local-pods.", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as fh:

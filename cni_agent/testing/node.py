@@ -137,12 +137,15 @@ class LocalNode:
         self._netns.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
 
-    def add_pod(self, name: str, namespace: str = "default") -> NodePod:
-        """Create a pod sandbox netns and run the ADD chain; the pod is recorded even if ADD fails."""
+    def add_pod(self, name: str, namespace: str = "default", uid: str = "") -> NodePod:
+        """Create a pod sandbox netns and run the ADD chain; the pod is recorded even if ADD fails.
+
+        Pass the `uid` of an earlier pod to model kubelet re-creating a pod's sandbox.
+        """
         pod = NodePod(
             name=name,
             namespace=namespace,
-            uid=str(uuid.uuid4()),
+            uid=uid or str(uuid.uuid4()),
             container_id=secrets.token_hex(32),
             netns_name=f"acni-{self.tag}-{len(self.pods)}",
         )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cni_agent.testing.localenv import LocalEnv
+
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "build" / "bin" / "ambient-cni"
 
@@ -38,3 +40,13 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # Short paths: a Unix socket path must fit in 108 bytes.
     d = Path(tmp_path_factory.mktemp("a", numbered=True))
     yield d
+
+
+@pytest.fixture
+def env(workdir: Path, shim: Path) -> Iterator[LocalEnv]:
+    """A started local node: agent in local mode, CNI-wired node netns, connected ztunnel-like peer."""
+    e = LocalEnv(workdir, shim)
+    try:
+        yield e.start()
+    finally:
+        e.close()

@@ -10,73 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from cni_agent.redirect.netns import NetnsWorker, open_netns
-from cni_agent.testing.agentproc import AgentProcess
 from cni_agent.testing.cniexec import CniExecError, CniRunner
-from cni_agent.testing.node import LocalNode, NodePod
-from cni_agent.testing.ztunnel import FakeZtunnel
+from cni_agent.testing.localenv import LocalEnv as Env
+from cni_agent.testing.localenv import wait_for as wait
 
 pytestmark = pytest.mark.root
-
-
-def wait(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
-class Env:
-    def __init__(self, workdir: Path, shim: Path) -> None:
-        self.agent = AgentProcess(workdir / "ag")
-        self.node = LocalNode(workdir / "node", shim, self.agent.plugin_socket)
-        self.ztunnel = FakeZtunnel(str(self.agent.ztunnel_socket))
-        self.worker = NetnsWorker()
-
-    def connect(self, netns_path: str, dst: tuple[str, int]) -> None:
-        fd = open_netns(netns_path)
-        try:
-
-            def dial() -> None:
-                with socket.create_connection(dst, timeout=3):
-                    pass
-
-            self.worker.call(fd, dial)
-        finally:
-            os.close(fd)
-
-    def istio_rules(self, pod: NodePod) -> list[str]:
-        lines: list[str] = []
-        for table in ("mangle", "nat", "raw"):
-            out = self.node.exec(pod.netns_name, ["iptables-legacy-save", "-t", table]).stdout
-            lines += [f"{table}: {ln}" for ln in out.splitlines() if ln.startswith("-A") and "ISTIO_" in ln]
-        return lines
-
-
-@pytest.fixture
-def env(workdir: Path, shim: Path) -> Iterator[Env]:
-    e = Env(workdir, shim)
-    e.node.__enter__()
-    e.agent.start()
-    e.ztunnel.start()
-    try:
-        assert wait(lambda: e.ztunnel.snapshot_received, 10), "peer never got a snapshot"
-        yield e
-    finally:
-        e.node.close()
-        e.ztunnel.stop()
-        e.agent.stop()
-        e.worker.close()
 
 
 def test_add_installs_rules_and_acks_before_returning(env: Env) -> None:
@@ -102,7 +44,7 @@ def test_traffic_lands_on_ztunnel_ports_with_original_destination(env: Env) -> N
     out = env.ztunnel.running[client.uid].listeners.wait_for(lambda s: s.port == 15001, 5)
     assert out.original_dst == (server.ip, 8080)
     assert out.peer[0] == client.ip
-    env.connect(f"/var/run/netns/{env.node.node_netns}", (server.ip, 80))
+    env.connect(env.node_netns_path, (server.ip, 80))
     inb = env.ztunnel.running[server.uid].listeners.wait_for(lambda s: s.port == 15006, 5)
     assert inb.original_dst == (server.ip, 80)
     assert inb.peer[0] == env.node.gateway
@@ -134,7 +76,7 @@ def test_restart_replays_snapshot_and_keeps_pods(env: Env) -> None:
     env.agent.start()
     # the peer reconnects on EOF and must receive a snapshot naming both pods: nothing drained
     assert wait(lambda: env.ztunnel.snapshots > snapshots_before, 10), env.agent.log()
-    assert set(env.ztunnel.running) == {a.uid, b.uid}
+    assert set(env.ztunnel.running) == {a.uid, b.uid}, (sorted(env.ztunnel.running), a.uid, b.uid, env.agent.log())
     # and the restarted agent keeps serving
     c = env.node.add_pod("c", "demo")
     assert set(env.ztunnel.running) == {a.uid, b.uid, c.uid}

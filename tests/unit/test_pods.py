@@ -91,11 +91,50 @@ def test_cache_owns_fds(tmp_path: Path) -> None:
 def test_registry_roundtrip_and_corruption(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path / "run" / "local-pods.json")
     assert reg.load() == []
-    pods = [pod(uid="b", ips=("10.0.0.2",), netns_path="/var/run/netns/b", container_id="c2"), pod(uid="a")]
+    pods = [
+        (pod(uid="b", ips=("10.0.0.2",), netns_path="/var/run/netns/b", container_id="c2"), (3, 4026532)),
+        (pod(uid="a"), None),
+    ]
     reg.save(pods)
     loaded = reg.load()
-    assert [p.uid for p in loaded] == ["a", "b"]
-    assert loaded[1].ips == ("10.0.0.2",) and loaded[1].netns_path == "/var/run/netns/b"
+    assert [(p.uid, i) for p, i in loaded] == [("a", None), ("b", (3, 4026532))]
+    assert loaded[1][0].ips == ("10.0.0.2",) and loaded[1][0].netns_path == "/var/run/netns/b"
     reg.path.write_text("{not json")
     assert reg.load() == []
     assert reg.path.with_suffix(".corrupt").exists()
+
+
+def test_host_netns_path_forms(tmp_path: Path) -> None:
+    from cni_agent.pods.netnspath import NetnsPathError, host_netns_path
+
+    # the /proc form is never resolved (its target is not a path) and maps to the host's /proc
+    assert host_netns_path("/proc/42/ns/net", host_proc="/host/proc") == "/host/proc/42/ns/net"
+    assert host_netns_path("/proc/42/task/43/ns/net") == "/proc/42/task/43/ns/net"
+    root = tmp_path / "host"
+    (root / "run" / "netns").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "var" / "run").symlink_to("/run")  # Debian: absolute link, must stay inside the prefix
+    (root / "run" / "netns" / "cni-1").write_text("")
+    (root / "run" / "netns" / "escape").symlink_to("/etc/passwd")
+    (root / "run" / "netns" / "hop").symlink_to("../../var/run/netns/cni-1")
+    prefix = str(root)
+    assert host_netns_path("/var/run/netns/cni-1", prefix=prefix) == f"{prefix}/run/netns/cni-1"
+    assert host_netns_path("/run/netns/hop", prefix=prefix) == f"{prefix}/run/netns/cni-1"
+    for bad in (
+        "/run/netns/escape",
+        "/etc/passwd",
+        "/var/run/netns/../../etc/passwd",
+        "relative",
+        "/proc/self/ns/net",
+    ):
+        with pytest.raises(NetnsPathError):
+            host_netns_path(bad, prefix=prefix)
+
+
+def test_resolve_in_root_link_loop(tmp_path: Path) -> None:
+    from cni_agent.pods.netnspath import NetnsPathError, resolve_in_root
+
+    (tmp_path / "a").symlink_to("/b")
+    (tmp_path / "b").symlink_to("/a")
+    with pytest.raises(NetnsPathError, match="too many symlinks"):
+        resolve_in_root(str(tmp_path), "/a/x")
