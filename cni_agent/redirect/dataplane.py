@@ -1,22 +1,30 @@
 """The in-pod dataplane the orchestrator depends on: routes + redirect rules inside a pod netns.
 
-A small Protocol keeps the orchestrator independent of the backend (python-iptables now, nftables
-next) and lets tests substitute a fake. `KernelDataplane` composes the NetnsWorker (where), the
-rules backend (what) and the routes (how replies get home), in the order spec §6 requires: routes
-first, then rules, so no captured reply is ever routed out of the pod.
+A small Protocol keeps the orchestrator independent of the backend (python-iptables or nftables)
+and lets tests substitute a fake. `KernelDataplane` composes the NetnsWorker (where), the rules
+backend (what) and the routes (how replies get home), in the order spec §6 requires: routes first,
+then rules, so no captured reply is ever routed out of the pod.
+
+Backend migration (spec §10 requirement 3): a pod enrolled while the node used the other backend
+still holds that backend's rules. `install` removes them right AFTER applying ours, in the same
+worker job: never a moment without capture, and the brief overlap is harmless (a connection is
+NATed once; the mangle marks are identical). Both checks are cheap when there is nothing
+to clean: the legacy side reads `/proc/thread-self/net/ip{,6}_tables_names` (no libiptc handle is
+opened unless a legacy table exists in the pod), the nft side lists table names (~0.1 ms).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from pyroute2 import NetlinkError
 
-from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError
+from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, iptc_session
 from cni_agent.redirect.netns import NetnsError, NetnsWorker, netns_identity
+from cni_agent.redirect.nft import NftablesBackend, NftRulesError
 from cni_agent.redirect.routes import RoutesError, apply_routes, remove_routes, routes_present
-from cni_agent.redirect.rules import RuleSet, RuleSettings, build_ruleset
+from cni_agent.redirect.rules import OUR_CHAINS, RuleSet, RuleSettings, build_ruleset
 
 T = TypeVar("T")
 
@@ -42,25 +50,99 @@ class Dataplane(Protocol):
     async def verify(self, netns_fd: int, settings: RuleSettings) -> bool: ...
 
 
-_EXPECTED = (RulesError, RoutesError, NetlinkError, OSError)
+_EXPECTED = (RulesError, NftRulesError, RoutesError, NetlinkError, OSError)
+
+
+class RulesBackend(Protocol):
+    """What both rule backends offer; called on the worker inside the pod netns."""
+
+    name: str
+
+    def apply(self, rulesets: Sequence[RuleSet]) -> None: ...
+
+    def matches(self, rulesets: Sequence[RuleSet]) -> bool: ...
+
+    def remove(self, families: Sequence[int]) -> None: ...
+
+
+BACKEND_NAMES: tuple[str, ...] = (IptablesLegacyBackend.name, NftablesBackend.name)
+
+
+def make_backend(name: str) -> RulesBackend:
+    if name == IptablesLegacyBackend.name:
+        return IptablesLegacyBackend()
+    if name == NftablesBackend.name:
+        return NftablesBackend()
+    raise ValueError(f"unknown rules backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def _legacy_tables_present() -> bool:
+    """Any legacy x_tables table in the current thread's netns (thread-self: setns is per thread)."""
+    for name in ("ip_tables_names", "ip6_tables_names"):
+        try:
+            with open(f"/proc/thread-self/net/{name}") as f:
+                if f.read().strip():
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _nft_tables_present() -> bool:
+    """Our nft tables here; a node without usable nftables cannot have any."""
+    try:
+        return NftablesBackend().present()
+    except NftRulesError:
+        return False
+
+
+def _clean_other(backend_name: str) -> None:
+    """Remove the rules the OTHER backend may have left in this netns (spec §10 requirement 3).
+
+    Both families: the pod may have been enrolled while IPv6 was on.
+    """
+    if backend_name == NftablesBackend.name:
+        if _legacy_tables_present():
+            IptablesLegacyBackend().remove((4, 6))
+    elif _nft_tables_present():
+        NftablesBackend().remove((4, 6))
+
+
+def _other_present(backend_name: str) -> bool:
+    """Whether the other backend's rules are in this netns (they would redirect a second time)."""
+    if backend_name != NftablesBackend.name:
+        return _nft_tables_present()
+    if not _legacy_tables_present():
+        return False
+    for family in (4, 6):  # a legacy table exists; ours only if one of our chains is in it
+        try:
+            with iptc_session(family) as tables:
+                if any(t.is_chain(c) for t in tables.values() for c in OUR_CHAINS):
+                    return True
+        except RulesError:
+            continue
+    return False
 
 
 class KernelDataplane:
     """Real kernel implementation: every step runs on the NetnsWorker inside the pod netns."""
 
-    def __init__(self, worker: NetnsWorker, *, ipv6: bool = False) -> None:
+    def __init__(self, worker: NetnsWorker, *, backend: str = IptablesLegacyBackend.name,
+                 ipv6: bool = False) -> None:
         self._worker = worker
         self._ipv6 = ipv6
-        self._backend = IptablesLegacyBackend()
+        self._backend = make_backend(backend)
 
     @property
     def backend_name(self) -> str:
         return self._backend.name
 
+    def _families(self) -> tuple[int, ...]:
+        return (4, 6) if self._ipv6 else (4,)
+
     def rulesets(self, settings: RuleSettings) -> list[RuleSet]:
         """The rule sets this dataplane installs for a pod (v4, plus v6 when enabled)."""
-        families = (4, 6) if self._ipv6 else (4,)
-        return [build_ruleset(settings, family) for family in families]
+        return [build_ruleset(settings, family) for family in self._families()]
 
     async def install(self, netns_fd: int, settings: RuleSettings) -> None:
         rulesets = self.rulesets(settings)
@@ -69,15 +151,17 @@ class KernelDataplane:
         def work() -> None:
             _step("routes", lambda: apply_routes(ipv6))
             _step("rules", lambda: self._backend.apply(rulesets))
+            _step("clean other backend", lambda: _clean_other(self._backend.name))
 
         await self._run(netns_fd, work)
 
     async def uninstall(self, netns_fd: int) -> None:
-        families = (4, 6) if self._ipv6 else (4,)
+        families = self._families()
         ipv6 = self._ipv6
 
         def work() -> None:
             _step("remove rules", lambda: self._backend.remove(families))
+            _step("remove other backend's rules", lambda: _clean_other(self._backend.name))
             _step("remove routes", lambda: remove_routes(ipv6))
 
         await self._run(netns_fd, work)
@@ -87,8 +171,10 @@ class KernelDataplane:
         ipv6 = self._ipv6
 
         def work() -> bool:
-            return _step("verify routes", lambda: routes_present(ipv6)) and _step(
-                "verify rules", lambda: self._backend.matches(rulesets)
+            return (
+                _step("verify routes", lambda: routes_present(ipv6))
+                and _step("verify rules", lambda: self._backend.matches(rulesets))
+                and not _step("verify other backend", lambda: _other_present(self._backend.name))
             )
 
         return await self._run(netns_fd, work)

@@ -8,8 +8,10 @@ translate the same tuples. Nothing here touches the system.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # --- constants (spec §2) -------------------------------------------------------------------------
 
@@ -301,3 +303,398 @@ def render_iptables_restore(rs: RuleSet) -> str:
         lines.extend(r.render() for r in rs.rules_in(table))
         lines.append("COMMIT")
     return "".join(f"{line}\n" for line in lines)
+
+
+# --- nftables form (spec §5) -----------------------------------------------------------------------
+#
+# Each spec §4 row maps to one nft rule (or a v4 rule immediately followed by its v6 twin). Every
+# rule is built from parts that carry BOTH their text (for the golden `nft -f` form) and their JSON
+# expression in the canonical shape `nft -j list` prints back, so the applied JSON, the golden text
+# and the live-state comparison all come from the same data.
+
+NftExpr = dict[str, Any]
+"""One statement of an nft JSON rule (`{"match": ...}`, `{"counter": ...}`, ...)."""
+
+NFT_FAMILY = "inet"
+NFT_CHAIN_PRERT = "istio-prerouting"
+NFT_CHAIN_OUTPUT = "istio-output"
+NFT_TABLES: tuple[str, ...] = (NFT_TABLE_NAT, NFT_TABLE_MANGLE, NFT_TABLE_RAW)
+"""Our in-pod tables in transaction order (spec §5: nat, mangle, raw)."""
+
+NFT_TABLE_OF: Mapping[str, str] = {
+    TABLE_NAT: NFT_TABLE_NAT, TABLE_MANGLE: NFT_TABLE_MANGLE, TABLE_RAW: NFT_TABLE_RAW,
+}
+NFT_CHAIN_OF: Mapping[str, str] = {
+    "PREROUTING": "prerouting", "OUTPUT": "output",
+    CHAIN_PRERT: NFT_CHAIN_PRERT, CHAIN_OUTPUT: NFT_CHAIN_OUTPUT,
+}
+
+
+@dataclass(frozen=True)
+class NftBaseChain:
+    """A hooked chain: `{ type <type> hook <hook> priority <prio> ; }` (spec §5 table)."""
+
+    name: str
+    type: str
+    hook: str
+    prio: int
+
+    def json(self, table: str) -> NftExpr:
+        return {"family": NFT_FAMILY, "table": table, "name": self.name, "type": self.type,
+                "hook": self.hook, "prio": self.prio, "policy": "accept"}
+
+    def text(self, table: str) -> str:
+        return (f"add chain {NFT_FAMILY} {table} {self.name} "
+                f"{{ type {self.type} hook {self.hook} priority {self.prio} ; }}")
+
+
+NFT_BASE_CHAINS: Mapping[str, tuple[NftBaseChain, NftBaseChain]] = {
+    NFT_TABLE_NAT: (NftBaseChain("prerouting", "nat", "prerouting", -100),
+                    NftBaseChain("output", "nat", "output", -100)),
+    NFT_TABLE_MANGLE: (NftBaseChain("prerouting", "filter", "prerouting", -150),
+                       NftBaseChain("output", "route", "output", -150)),
+    NFT_TABLE_RAW: (NftBaseChain("prerouting", "filter", "prerouting", -300),
+                    NftBaseChain("output", "filter", "output", -300)),
+}
+NFT_REGULAR_CHAINS: tuple[str, ...] = (NFT_CHAIN_PRERT, NFT_CHAIN_OUTPUT)
+
+_Part = tuple[str, NftExpr]
+
+
+@dataclass(frozen=True)
+class NftRule:
+    """One `add rule inet <table> <chain> ...`; `row` = spec §4 row, `family` None = both families."""
+
+    table: str
+    chain: str
+    row: int
+    family: int | None
+    parts: tuple[_Part, ...]
+
+    def text(self) -> str:
+        return " ".join(("add rule", NFT_FAMILY, self.table, self.chain, *(p[0] for p in self.parts)))
+
+    def expr(self) -> list[NftExpr]:
+        return [p[1] for p in self.parts]
+
+    def json(self) -> NftExpr:
+        return {"family": NFT_FAMILY, "table": self.table, "chain": self.chain, "expr": self.expr()}
+
+
+def _match(op: str, left: NftExpr, right: object) -> NftExpr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> NftExpr:
+    return {"meta": {"key": key}}
+
+
+def _ct(key: str) -> NftExpr:
+    return {"ct": {"key": key}}
+
+
+def _neg(negate: bool) -> str:
+    return "!= " if negate else ""
+
+
+def _op(negate: bool) -> str:
+    return "!=" if negate else "=="
+
+
+def _canonical_address(value: str) -> str:
+    """nft lists a full-length prefix (`127.0.0.1/32`) as the bare address."""
+    addr, _, length = value.partition("/")
+    if length and int(length) == (128 if ":" in addr else 32):
+        return addr
+    return value
+
+
+def _p_tcp() -> _Part:
+    return "meta l4proto tcp", _match("==", _meta("l4proto"), "tcp")
+
+
+def _p_addr(family: int, field_name: str, value: str, negate: bool = False) -> _Part:
+    proto = "ip" if family == 4 else "ip6"
+    return (f"{proto} {field_name} {_neg(negate)}{value}",
+            _match(_op(negate), {"payload": {"protocol": proto, "field": field_name}},
+                   _canonical_address(value)))
+
+
+def _p_port(proto: str, field_name: str, port: int, negate: bool = False) -> _Part:
+    return (f"{proto} {field_name} {_neg(negate)}{port}",
+            _match(_op(negate), {"payload": {"protocol": proto, "field": field_name}}, port))
+
+
+def _p_mark(spelling: str, mark: int, negate: bool) -> _Part:
+    """`<spelling> 0xfff <op> <mark>`; the spec spells the same match three ways, kept verbatim."""
+    return (f"{spelling} {MARK_MASK:#x} {_op(negate)} {mark:#x}",
+            _match(_op(negate), {"&": [_meta("mark"), MARK_MASK]}, mark))
+
+
+def _p_ifname(key: str, name: str, negate: bool = False) -> _Part:
+    return f"{key} {_neg(negate)}{name}", _match(_op(negate), _meta(key), name)
+
+
+def _p_counter() -> _Part:
+    return "counter", {"counter": {"packets": 0, "bytes": 0}}
+
+
+def _p_accept() -> _Part:
+    return "accept", {"accept": None}
+
+
+def _p_return() -> _Part:
+    return "return", {"return": None}
+
+
+def _p_redirect(port: int) -> _Part:
+    return f"redirect to :{port}", {"redirect": {"port": port}}
+
+
+def _p_jump(chain: str) -> _Part:
+    return f"jump {chain}", {"jump": {"target": chain}}
+
+
+def _p_ct_zone() -> _Part:
+    return f"ct zone set {DNS_CT_ZONE}", {"mangle": {"key": _ct("zone"), "value": DNS_CT_ZONE}}
+
+
+def _p_set_connmark() -> _Part:
+    return (f"ct mark set ct mark & {NFT_CT_KEEP_MASK:#x} | {CONNMARK:#x}",
+            {"mangle": {"key": _ct("mark"),
+                        "value": {"|": [{"&": [_ct("mark"), NFT_CT_KEEP_MASK]}, CONNMARK]}}})
+
+
+def _p_restore_mark() -> _Part:
+    return "meta mark set ct mark", {"mangle": {"key": _meta("mark"), "value": _ct("mark")}}
+
+
+def _p_connmark_match() -> _Part:
+    return (f"ct mark and {MARK_MASK:#x} == {CONNMARK:#x}",
+            _match("==", {"&": [_ct("mark"), MARK_MASK]}, CONNMARK))
+
+
+_FAMILY_SPECIFIC_ROWS = frozenset({9, 10, 11, 14, 18, 19})
+
+
+def _nft_parts(rule: Rule, family: int) -> tuple[_Part, ...]:
+    """The nft statements for one §4 row (spec §5 Blocks F-J), for `family` where it matters."""
+    lo = loopback_cidr(family)
+    snat = probe_snat_address(family)
+    row = rule.row
+    if 1 <= row <= 6:
+        target = rule.jump_target
+        if target is None:
+            raise ValueError(f"row {row} rule has no chain jump: {rule.render()!r}")
+        return (_p_jump(NFT_CHAIN_OF[target]),)
+    if row == 7:
+        ifname = rule.spec[rule.spec.index("-i") + 1]
+        verdict = _p_return() if _target_of(rule.spec) == "RETURN" else _p_redirect(OUTBOUND_PORT)
+        return (_p_ifname("iifname", ifname), _p_tcp(), _p_counter(), verdict)
+
+    def not_ztunnel() -> _Part:
+        return _p_mark("mark and", ZTUNNEL_MARK, negate=True)
+
+    rows: dict[int, Callable[[], tuple[_Part, ...]]] = {  # lazily: only the asked-for row is built
+        8: lambda: (_p_mark("meta mark &", ZTUNNEL_MARK, negate=False), _p_counter(), _p_set_connmark()),
+        9: lambda: (_p_tcp(), _p_addr(family, "saddr", snat), _p_counter(), _p_accept()),
+        10: lambda: (_p_tcp(), _p_addr(family, "daddr", snat), _p_counter(), _p_accept()),
+        11: lambda: (_p_addr(family, "daddr", lo, negate=True),
+                     _p_port("tcp", "dport", INBOUND_HBONE_PORT, negate=True), not_ztunnel(),
+                     _p_counter(), _p_redirect(INBOUND_PLAINTEXT_PORT)),
+        12: lambda: (_p_connmark_match(), _p_counter(), _p_restore_mark()),
+        13: lambda: (_p_ifname("oifname", "lo", negate=True), not_ztunnel(),
+                     _p_port("udp", "dport", DNS_PORT), _p_counter(), _p_redirect(DNS_CAPTURE_PORT)),
+        14: lambda: (_p_addr(family, "daddr", lo, negate=True), _p_port("tcp", "dport", DNS_PORT),
+                     not_ztunnel(), _p_counter(), _p_redirect(DNS_CAPTURE_PORT)),
+        15: lambda: (_p_port("udp", "dport", DNS_PORT), _p_mark("meta mark and", ZTUNNEL_MARK, negate=False),
+                     _p_counter(), _p_ct_zone()),
+        16: lambda: (_p_port("udp", "sport", DNS_PORT), _p_mark("meta mark and", ZTUNNEL_MARK, negate=True),
+                     _p_counter(), _p_ct_zone()),
+        17: lambda: (_p_tcp(), _p_mark("mark and", CONNMARK, negate=False), _p_counter(), _p_accept()),
+        18: lambda: (_p_ifname("oifname", "lo"), _p_addr(family, "daddr", lo, negate=True), _p_counter(),
+                     _p_accept()),
+        19: lambda: (_p_tcp(), _p_addr(family, "daddr", lo, negate=True), not_ztunnel(), _p_counter(),
+                     _p_redirect(OUTBOUND_PORT)),
+    }
+    make = rows.get(row)
+    if make is None:
+        raise ValueError(f"rule has no spec §4 row: {rule.render()!r}")
+    return make()
+
+
+def nft_rules(rulesets: Sequence[RuleSet]) -> tuple[NftRule, ...]:
+    """The merged `inet` rules for the given families (spec Block G: v6 twin right after its v4 rule).
+
+    All rule sets must come from the same settings (same rows); family-neutral rows appear once.
+    """
+    if not rulesets:
+        raise ValueError("no rule sets")
+    families = tuple(dict.fromkeys(rs.family for rs in rulesets))
+    first = rulesets[0]
+    shape = [(r.row, r.table, r.chain) for r in first.rules]
+    for rs in rulesets[1:]:
+        if [(r.row, r.table, r.chain) for r in rs.rules] != shape:
+            raise ValueError("rule sets of different settings cannot be merged into one inet table")
+    out: list[NftRule] = []
+    for rule in first.rules:
+        table, chain = NFT_TABLE_OF[rule.table], NFT_CHAIN_OF[rule.chain]
+        if rule.row in _FAMILY_SPECIFIC_ROWS:
+            out.extend(NftRule(table, chain, rule.row, fam, _nft_parts(rule, fam)) for fam in families)
+        else:
+            out.append(NftRule(table, chain, rule.row, None, _nft_parts(rule, first.family)))
+    return tuple(out)
+
+
+def _table_obj(table: str) -> NftExpr:
+    return {"table": {"family": NFT_FAMILY, "name": table}}
+
+
+def nft_commands(rulesets: Sequence[RuleSet]) -> list[tuple[str, NftExpr]]:
+    """The apply transaction as (text line, JSON command) pairs, in spec §5 order."""
+    rules = nft_rules(rulesets)
+    cmds: list[tuple[str, NftExpr]] = []
+    for table in NFT_TABLES:
+        mine = [r for r in rules if r.table == table]
+        cmds.append((f"add table {NFT_FAMILY} {table}", {"add": _table_obj(table)}))
+        if not mine:  # e.g. raw with DNS capture off: remove a leftover (spec §5 MUST)
+            cmds.append((f"delete table {NFT_FAMILY} {table}", {"delete": _table_obj(table)}))
+            continue
+        cmds.append((f"flush table {NFT_FAMILY} {table}", {"flush": _table_obj(table)}))
+        for base in NFT_BASE_CHAINS[table]:
+            cmds.append((base.text(table), {"add": {"chain": base.json(table)}}))
+        for name in NFT_REGULAR_CHAINS:
+            cmds.append((f"add chain {NFT_FAMILY} {table} {name}",
+                         {"add": {"chain": {"family": NFT_FAMILY, "table": table, "name": name}}}))
+        cmds.extend((r.text(), {"add": {"rule": r.json()}}) for r in mine)
+    return cmds
+
+
+def render_nft(rulesets: Sequence[RuleSet]) -> str:
+    """The `nft -f` text of one pod's apply transaction (spec Blocks F-J); one line per command."""
+    return "".join(f"{text}\n" for text, _ in nft_commands(rulesets))
+
+
+def nft_json(rulesets: Sequence[RuleSet]) -> NftExpr:
+    """The same transaction for libnftables' JSON API / `nft -j -f -`."""
+    return {"nftables": [cmd for _, cmd in nft_commands(rulesets)]}
+
+
+def _delete_commands() -> list[tuple[str, NftExpr]]:
+    cmds: list[tuple[str, NftExpr]] = []
+    for table in NFT_TABLES:
+        cmds.append((f"add table {NFT_FAMILY} {table}", {"add": _table_obj(table)}))
+        cmds.append((f"delete table {NFT_FAMILY} {table}", {"delete": _table_obj(table)}))
+    return cmds
+
+
+def render_nft_delete() -> str:
+    """Spec §8 nft deletion: `add table` + `delete table` per table, so a missing table is no error."""
+    return "".join(f"{text}\n" for text, _ in _delete_commands())
+
+
+def nft_delete_json() -> NftExpr:
+    return {"nftables": [cmd for _, cmd in _delete_commands()]}
+
+
+def nft_replace_json(rulesets: Sequence[RuleSet]) -> NftExpr:
+    """Delete-and-recreate in ONE transaction, for tables whose shape `flush` cannot repair.
+
+    `flush table` keeps chains and sets; a stray chain or a base chain with another hook or priority
+    survives it (and `add chain` with a different hook fails). Deleting first, in the same batch,
+    keeps the swap atomic.
+    """
+    return {"nftables": [cmd for _, cmd in _delete_commands()] + [cmd for _, cmd in nft_commands(rulesets)]}
+
+
+@dataclass(frozen=True)
+class NftTableState:
+    """A table's content reduced to what matters for equality: chains (with hook spec) and rules."""
+
+    chains: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]
+    rules: tuple[tuple[str, tuple[str, ...]], ...]  # (chain, canonical exprs in chain order), by chain name
+    other: tuple[str, ...] = ()  # any other object (set, map, flowtable, ...) as canonical JSON
+
+
+def nft_wanted_state(rulesets: Sequence[RuleSet]) -> dict[str, NftTableState]:
+    """What `nft -j list ruleset` must show for our tables after `nft_json(rulesets)` is applied."""
+    rules = nft_rules(rulesets)
+    state: dict[str, NftTableState] = {}
+    for table in NFT_TABLES:
+        mine = [r for r in rules if r.table == table]
+        if not mine:
+            continue
+        chains = [_chain_key(b.json(table)) for b in NFT_BASE_CHAINS[table]]
+        chains += [_chain_key({"name": name}) for name in NFT_REGULAR_CHAINS]
+        state[table] = NftTableState(
+            chains=tuple(sorted(chains)),
+            rules=_group_rules((r.chain, canonical_expr(r.expr())) for r in mine),
+        )
+    return state
+
+
+def _group_rules(rules: Iterable[tuple[str, str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Rule order matters within a chain only; the listing groups rules by chain."""
+    by_chain: dict[str, list[str]] = {}
+    for chain, expr in rules:
+        by_chain.setdefault(chain, []).append(expr)
+    return tuple((chain, tuple(by_chain[chain])) for chain in sorted(by_chain))
+
+
+def _chain_key(chain: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, object], ...]]:
+    hook = tuple((k, chain[k]) for k in ("type", "hook", "prio", "policy") if k in chain)
+    return str(chain["name"]), hook
+
+
+def canonical_expr(expr: object) -> str:
+    """Rule expression as stable JSON: counters zeroed, `x & m | v` folded to nft's `x & (m|v) | v`."""
+    return json.dumps(_canon(expr), sort_keys=True, separators=(",", ":"))
+
+
+def _canon(node: object) -> object:
+    if isinstance(node, list):
+        return [_canon(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "counter" in node and len(node) == 1:
+        return {"counter": None}
+    if set(node) == {"|"}:
+        operands = node["|"]
+        if (isinstance(operands, list) and len(operands) == 2 and isinstance(operands[0], dict)
+                and set(operands[0]) == {"&"} and isinstance(operands[1], int)):
+            inner, mask = operands[0]["&"]
+            if isinstance(mask, int):
+                return {"|": [{"&": [_canon(inner), mask | operands[1]]}, operands[1]]}
+    return {k: _canon(v) for k, v in node.items()}
+
+
+def nft_live_state(listing: Mapping[str, Any]) -> dict[str, NftTableState]:
+    """Our tables as found in `nft -j list ruleset` output (handles, counters, metainfo dropped)."""
+    chains: dict[str, list[tuple[str, tuple[tuple[str, object], ...]]]] = {}
+    rules: dict[str, list[tuple[str, str]]] = {}
+    other: dict[str, list[str]] = {}
+    for obj in listing.get("nftables", []):
+        if not isinstance(obj, dict) or len(obj) != 1:
+            continue
+        kind, body = next(iter(obj.items()))
+        if kind == "metainfo" or not isinstance(body, dict) or body.get("family") != NFT_FAMILY:
+            continue
+        table = body.get("table") if kind != "table" else body.get("name")
+        if table not in NFT_TABLES:
+            continue
+        chains.setdefault(table, [])
+        rules.setdefault(table, [])
+        other.setdefault(table, [])
+        if kind == "table":
+            continue
+        if kind == "chain":
+            chains[table].append(_chain_key(body))
+        elif kind == "rule":
+            rules[table].append((str(body["chain"]), canonical_expr(body.get("expr", []))))
+        else:
+            trimmed = {k: v for k, v in body.items() if k != "handle"}
+            other[table].append(kind + ":" + canonical_expr(trimmed))
+    return {
+        t: NftTableState(chains=tuple(sorted(chains[t])), rules=_group_rules(rules[t]), other=tuple(other[t]))
+        for t in chains
+    }

@@ -1,0 +1,302 @@
+"""Golden tests for the nft form of the in-pod rules (redirect-rules.md §5, Blocks F-J), pure."""
+
+# ruff: noqa: E501  (golden rule text is copied verbatim from the spec; lines cannot be wrapped)
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cni_agent.redirect.rules import (
+    NFT_TABLE_MANGLE,
+    NFT_TABLE_NAT,
+    NFT_TABLE_RAW,
+    NftTableState,
+    RuleSettings,
+    build_ruleset,
+    canonical_expr,
+    nft_json,
+    nft_live_state,
+    nft_rules,
+    nft_wanted_state,
+    render_nft,
+    render_nft_delete,
+)
+
+BLOCK_F = """\
+add table inet istio-ambient-nat
+flush table inet istio-ambient-nat
+add chain inet istio-ambient-nat prerouting { type nat hook prerouting priority -100 ; }
+add chain inet istio-ambient-nat output { type nat hook output priority -100 ; }
+add chain inet istio-ambient-nat istio-prerouting
+add chain inet istio-ambient-nat istio-output
+add rule inet istio-ambient-nat output jump istio-output
+add rule inet istio-ambient-nat prerouting jump istio-prerouting
+add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
+add rule inet istio-ambient-nat istio-output oifname != lo mark and 0xfff != 0x539 udp dport 53 counter redirect to :15053
+add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1/32 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
+add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
+add table inet istio-ambient-mangle
+flush table inet istio-ambient-mangle
+add chain inet istio-ambient-mangle prerouting { type filter hook prerouting priority -150 ; }
+add chain inet istio-ambient-mangle output { type route hook output priority -150 ; }
+add chain inet istio-ambient-mangle istio-prerouting
+add chain inet istio-ambient-mangle istio-output
+add rule inet istio-ambient-mangle prerouting jump istio-prerouting
+add rule inet istio-ambient-mangle output jump istio-output
+add rule inet istio-ambient-mangle istio-prerouting meta mark & 0xfff == 0x539 counter ct mark set ct mark & 0xfffff000 | 0x111
+add rule inet istio-ambient-mangle istio-output ct mark and 0xfff == 0x111 counter meta mark set ct mark
+add table inet istio-ambient-raw
+flush table inet istio-ambient-raw
+add chain inet istio-ambient-raw prerouting { type filter hook prerouting priority -300 ; }
+add chain inet istio-ambient-raw output { type filter hook output priority -300 ; }
+add chain inet istio-ambient-raw istio-prerouting
+add chain inet istio-ambient-raw istio-output
+add rule inet istio-ambient-raw prerouting jump istio-prerouting
+add rule inet istio-ambient-raw output jump istio-output
+add rule inet istio-ambient-raw istio-output udp dport 53 meta mark and 0xfff == 0x539 counter ct zone set 1
+add rule inet istio-ambient-raw istio-prerouting udp sport 53 meta mark and 0xfff != 0x539 counter ct zone set 1
+"""
+
+BLOCK_G_NAT_RULES = """\
+add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff counter accept
+add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
+add rule inet istio-ambient-nat istio-prerouting ip6 daddr != ::1/128 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
+add rule inet istio-ambient-nat istio-output oifname != lo mark and 0xfff != 0x539 udp dport 53 counter redirect to :15053
+add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1/32 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
+add rule inet istio-ambient-nat istio-output ip6 daddr != ::1/128 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
+add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip6 daddr != ::1/128 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip6 daddr != ::1/128 mark and 0xfff != 0x539 counter redirect to :15001
+"""
+
+BLOCK_H_NAT_RULES = """\
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
+"""
+
+BLOCK_I_NAT_RULES = """\
+add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
+add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
+"""
+
+BLOCK_J_NAT_RULES = """\
+add rule inet istio-ambient-nat istio-prerouting iifname net1 meta l4proto tcp counter redirect to :15001
+add rule inet istio-ambient-nat istio-prerouting iifname net1 meta l4proto tcp counter return
+add rule inet istio-ambient-nat istio-prerouting iifname net2 meta l4proto tcp counter redirect to :15001
+add rule inet istio-ambient-nat istio-prerouting iifname net2 meta l4proto tcp counter return
+add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
+add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
+add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
+add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
+add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
+"""
+
+RAW_LEFTOVER_DELETE = """\
+add table inet istio-ambient-raw
+delete table inet istio-ambient-raw
+"""
+
+
+def _norm(text: str) -> list[str]:
+    """Spec §5: nft ignores whitespace, compare after normalising spaces."""
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def _section(block: str, table: str) -> str:
+    """The lines of one table in Block F (add table ... up to the next add table)."""
+    out, inside = [], False
+    for line in block.splitlines(keepends=True):
+        if line.startswith("add table "):
+            inside = line.split()[-1] == table
+        if inside:
+            out.append(line)
+    return "".join(out)
+
+
+NAT_HEADER = "".join(_section(BLOCK_F, NFT_TABLE_NAT).splitlines(keepends=True)[:8])
+MANGLE = _section(BLOCK_F, NFT_TABLE_MANGLE)
+RAW = _section(BLOCK_F, NFT_TABLE_RAW)
+
+
+def test_block_f_ipv4_default() -> None:
+    assert _norm(render_nft([build_ruleset(RuleSettings(), 4)])) == _norm(BLOCK_F)
+
+
+def test_block_f_sections_are_what_the_helpers_think() -> None:
+    # guards the test helpers themselves: F = nat + mangle + raw, nat header = 8 lines
+    assert _norm(BLOCK_F) == _norm(_section(BLOCK_F, NFT_TABLE_NAT) + MANGLE + RAW)
+    assert _norm(NAT_HEADER)[-1] == "add rule inet istio-ambient-nat prerouting jump istio-prerouting"
+
+
+def test_block_g_ipv6_merged_into_inet() -> None:
+    rendered = render_nft([build_ruleset(RuleSettings(), 4), build_ruleset(RuleSettings(), 6)])
+    assert _norm(rendered) == _norm(NAT_HEADER + BLOCK_G_NAT_RULES + MANGLE + RAW)
+
+
+def test_block_h_bypass_dns_off() -> None:
+    s = RuleSettings(dns_capture=False, bypass_inbound=True)
+    rendered = render_nft([build_ruleset(s, 4)])
+    assert _norm(rendered) == _norm(NAT_HEADER + BLOCK_H_NAT_RULES + MANGLE + RAW_LEFTOVER_DELETE)
+
+
+def test_block_i_dns_off_removes_leftover_raw() -> None:
+    rendered = render_nft([build_ruleset(RuleSettings(dns_capture=False), 4)])
+    assert _norm(rendered) == _norm(NAT_HEADER + BLOCK_I_NAT_RULES + MANGLE + RAW_LEFTOVER_DELETE)
+    assert _norm(rendered)[-2:] == _norm(RAW_LEFTOVER_DELETE)  # the §5 MUST: after nat and mangle
+
+
+def test_block_j_virtual_interfaces() -> None:
+    s = RuleSettings(dns_capture=False, reroute_interfaces=("net1", "net2"))
+    rendered = render_nft([build_ruleset(s, 4)])
+    assert _norm(rendered) == _norm(NAT_HEADER + BLOCK_J_NAT_RULES + MANGLE + RAW_LEFTOVER_DELETE)
+
+
+def test_block_j_with_ipv6_keeps_interface_rules_once() -> None:
+    s = RuleSettings(dns_capture=False, reroute_interfaces=("net1",))
+    text = render_nft([build_ruleset(s, 4), build_ruleset(s, 6)])
+    assert text.count("iifname net1") == 2  # redirect + return, not doubled per family
+    assert text.count("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff") == 1
+
+
+def test_delete_text() -> None:
+    assert render_nft_delete() == (
+        "add table inet istio-ambient-nat\ndelete table inet istio-ambient-nat\n"
+        "add table inet istio-ambient-mangle\ndelete table inet istio-ambient-mangle\n"
+        "add table inet istio-ambient-raw\ndelete table inet istio-ambient-raw\n"
+    )
+
+
+VARIANTS = [
+    RuleSettings(),
+    RuleSettings(dns_capture=False),
+    RuleSettings(bypass_inbound=True),
+    RuleSettings(dns_capture=True, bypass_inbound=True, reroute_interfaces=("net1", "eth9")),
+]
+
+
+@pytest.mark.parametrize("settings", VARIANTS)
+@pytest.mark.parametrize("families", [(4,), (4, 6)])
+def test_json_mirrors_text_command_for_command(settings: RuleSettings, families: tuple[int, ...]) -> None:
+    rulesets = [build_ruleset(settings, f) for f in families]
+    lines = render_nft(rulesets).splitlines()
+    cmds = nft_json(rulesets)["nftables"]
+    assert len(lines) == len(cmds)
+    for line, cmd in zip(lines, cmds, strict=True):
+        verb, obj = line.split()[0], line.split()[1]
+        assert list(cmd) == [verb]
+        assert list(cmd[verb]) == [obj]
+        body = cmd[verb][obj]
+        assert body["family"] == "inet"
+        tokens = line.split()
+        assert (body["name"] if obj == "table" else body["table"]) == tokens[3]
+        if obj in ("chain", "rule"):
+            assert body["name" if obj == "chain" else "chain"] == tokens[4]
+    json.dumps(cmds)  # serialisable as is
+
+
+def test_rules_carry_rows_and_families() -> None:
+    rules = nft_rules([build_ruleset(RuleSettings(), 4), build_ruleset(RuleSettings(), 6)])
+    twins = [(r.row, r.family) for r in rules if r.row == 19]
+    assert twins == [(19, 4), (19, 6)]
+    assert all(r.family is None for r in rules if r.row in (13, 17))
+
+
+def test_merging_different_settings_is_refused() -> None:
+    with pytest.raises(ValueError, match="different settings"):
+        nft_rules([build_ruleset(RuleSettings(), 4), build_ruleset(RuleSettings(dns_capture=False), 6)])
+
+
+# --- live-state comparison (pure part of `NftablesBackend.matches`) -------------------------------
+
+
+def _fake_listing(rulesets: list[object], *, mutate: object = None) -> dict[str, object]:
+    """What `nft -j list ruleset` returns after our JSON was applied: handles, counters, nft's folding."""
+    doc = nft_json(rulesets)  # type: ignore[arg-type]
+    out: list[dict[str, object]] = [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}]
+    handle = 0
+    deleted = {c["delete"]["table"]["name"] for c in doc["nftables"] if "delete" in c}
+    for cmd in doc["nftables"]:
+        if "add" not in cmd:
+            continue
+        kind, body = next(iter(cmd["add"].items()))
+        if (body.get("table") or body.get("name")) in deleted:
+            continue
+        handle += 1
+        body = json.loads(json.dumps(body))
+        body["handle"] = handle
+        if kind == "rule":
+            for st in body["expr"]:
+                if "counter" in st:
+                    st["counter"] = {"packets": 7, "bytes": 420}
+                if "mangle" in st and isinstance(st["mangle"]["value"], dict) and "|" in st["mangle"]["value"]:
+                    inner = st["mangle"]["value"]["|"]
+                    inner[0]["&"][1] |= inner[1]  # nft lists `& 0xfffff000 | 0x111` as `& 0xfffff111 | 0x111`
+        out.append({kind: body})
+    return {"nftables": out}
+
+
+def test_live_state_equals_wanted_despite_handles_counters_folding() -> None:
+    rulesets = [build_ruleset(RuleSettings(), 4), build_ruleset(RuleSettings(), 6)]
+    assert nft_live_state(_fake_listing(rulesets)) == nft_wanted_state(rulesets)
+    assert set(nft_wanted_state(rulesets)) == {NFT_TABLE_NAT, NFT_TABLE_MANGLE, NFT_TABLE_RAW}
+
+
+def test_live_state_detects_stray_missing_and_foreign_objects() -> None:
+    rulesets = [build_ruleset(RuleSettings(dns_capture=False), 4)]
+    wanted = nft_wanted_state(rulesets)
+    listing = _fake_listing(rulesets)
+    objs = listing["nftables"]
+    assert isinstance(objs, list)
+    assert NFT_TABLE_RAW not in wanted
+
+    stray = {"rule": {"family": "inet", "table": NFT_TABLE_NAT, "chain": "istio-output", "handle": 99,
+                      "expr": [{"accept": None}]}}
+    assert nft_live_state({"nftables": [*objs, stray]}) != wanted
+    rules = [o for o in objs if "rule" in o]
+    assert nft_live_state({"nftables": [o for o in objs if o is not rules[-1]]}) != wanted
+    a_set = {"set": {"family": "inet", "table": NFT_TABLE_MANGLE, "name": "x", "type": "ipv4_addr", "handle": 5}}
+    assert nft_live_state({"nftables": [*objs, a_set]}) != wanted
+    leftover_raw = {"table": {"family": "inet", "name": NFT_TABLE_RAW, "handle": 9}}
+    assert nft_live_state({"nftables": [*objs, leftover_raw]}) != wanted
+    # foreign tables and other families are not ours and do not matter
+    foreign = [{"table": {"family": "ip", "name": NFT_TABLE_NAT, "handle": 3}},
+               {"rule": {"family": "inet", "table": "filter", "chain": "input", "expr": [{"drop": None}]}}]
+    assert nft_live_state({"nftables": [*objs, *foreign]}) == wanted
+
+
+def test_reordered_rules_are_a_mismatch() -> None:
+    rulesets = [build_ruleset(RuleSettings(), 4)]
+    objs = list(_fake_listing(rulesets)["nftables"])  # type: ignore[call-overload]
+    idx = [i for i, o in enumerate(objs) if "rule" in o and o["rule"]["chain"] == "istio-output"
+           and o["rule"]["table"] == NFT_TABLE_NAT]
+    objs[idx[0]], objs[idx[1]] = objs[idx[1]], objs[idx[0]]
+    assert nft_live_state({"nftables": objs}) != nft_wanted_state(rulesets)
+
+
+def test_canonical_expr_folds_ct_mark_and_zeroes_counters() -> None:
+    a = [{"counter": {"packets": 1, "bytes": 2}},
+         {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFFF000]}, 0x111]}}}]
+    b = [{"counter": {"packets": 0, "bytes": 0}},
+         {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFFF111]}, 0x111]}}}]
+    assert canonical_expr(a) == canonical_expr(b)
+    c = [{"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFFF000]}, 0x222]}}}]
+    assert canonical_expr(c) != canonical_expr(b[1:])
+    assert NftTableState(chains=(), rules=()) == NftTableState(chains=(), rules=(), other=())
