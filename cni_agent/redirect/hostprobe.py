@@ -1,0 +1,711 @@
+"""Host-side kubelet probe SNAT and the probe address sets (spec redirect-rules.md §9).
+
+Kubelet probes come from a local host socket; without help they would be captured in-pod and sent
+through ztunnel like any other inbound connection. So the host SNATs packets from local sockets to
+enrolled pod IPs onto a fixed link-local source, and the in-pod rules ACCEPT that source before the
+15006 REDIRECT. Forwarded traffic (kube-proxy, other nodes) has no local socket, keeps its source and
+is captured as usual. Which pod IPs are "enrolled" is kept in a set (ipset `hash:ip` or nft set) whose
+element comment is the pod UID, so a late DEL for an old pod cannot remove the entry of a new pod that
+got the same IP.
+
+Two backends behind the `HostProbe` protocol, matching the in-pod backend (spec §10 rule 3):
+- `IptablesHostProbe`: nat `ISTIO_POSTRT` via python-iptables (one libiptc commit per family, so the
+  old rules are replaced without a window), sets through netlink with pyroute2's `IPSet`. Netlink
+  instead of the `ipset` CLI: no fork/exec per pod, no binary needed in the image, errors as codes,
+  and the socket binds to the netns of the thread that opens it (the worker's host thread).
+- `NftHostProbe`: host table `inet istio-ambient-nat` through libnftables' JSON API (one transaction
+  per operation; JSON so a pod UID never has to be quoted into nft syntax). nft cannot express
+  `--socket-exists`, so it matches the kubelet's socket UID, discovered from /proc.
+
+All kernel work runs on the NetnsWorker's host thread (`call_host`): libiptc caches are process-wide
+and the worker serialises them with in-pod work; netlink and libnftables contexts are opened per job
+on that thread so they bind to the host netns. Public methods block until the job is done; from
+asyncio call them with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import iptc  # python-iptables
+import structlog
+from pyroute2 import NetlinkError
+from pyroute2.ipset import IPSet
+
+from cni_agent.redirect.iptc import RulesError, build_iptc_rule, iptc_session
+from cni_agent.redirect.rules import (
+    HOST_CHAIN_POSTRT,
+    NFT_TABLE_NAT,
+    PROBE_SET_V4,
+    PROBE_SET_V6,
+    PROBE_SNAT_IPV4,
+    PROBE_SNAT_IPV6,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+BACKEND_IPTABLES = "iptables-legacy"
+BACKEND_NFTABLES = "nftables"
+
+NFT_HOST_CHAIN = "postrouting"
+NFT_HOST_PRIORITY = 100
+MAX_UID_LEN = 128
+"""nft element comments are limited to 128 bytes (ipset allows 255); Kubernetes UIDs are 36."""
+
+KUBELET_COMMS = frozenset({"kubelet", "kubelite"})
+FALLBACK_KUBELET_UID = 0
+"""No kubelet process found: kubelet runs as root in virtually every distribution, and uid 0 is
+the closest nft equivalent of iptables' `--socket-exists` for it. A warning is logged; operators
+with a rootless kubelet set `HostProbeConfig.kubelet_uid`."""
+
+
+class HostProbeError(Exception):
+    """A host probe rule or set operation failed; says which and what the kernel answered."""
+
+
+@dataclass(frozen=True)
+class HostProbeConfig:
+    """Every knob of the host probe; defaults are the spec's constants."""
+
+    enabled: bool = True
+    ipv6: bool = False
+    snat_ipv4: str = PROBE_SNAT_IPV4
+    snat_ipv6: str = PROBE_SNAT_IPV6
+    set_v4: str = PROBE_SET_V4
+    set_v6: str = PROBE_SET_V6
+    chain: str = HOST_CHAIN_POSTRT
+    nft_table: str = NFT_TABLE_NAT
+    kubelet_uid: int | None = None
+    """nft only: the socket UID to SNAT; None = discover from `proc_root`."""
+    proc_root: str = "/proc"
+
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if self.ipv6 else (4,)
+
+    def set_name(self, family: int) -> str:
+        return self.set_v4 if family == 4 else self.set_v6
+
+    def snat(self, family: int) -> str:
+        return self.snat_ipv4 if family == 4 else self.snat_ipv6
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a startup reconcile changed (for the log line)."""
+
+    upserted: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
+    prune_skipped: bool = False
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+
+def normalize_ip(ip: str) -> tuple[int, str]:
+    """(family, canonical text); v4-mapped IPv6 (::ffff:a.b.c.d) is unmapped, as the spec requires."""
+    try:
+        addr = ipaddress.ip_address(ip.strip())
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {ip!r}") from exc
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:  # a zone makes no sense in a set element
+            raise ValueError(f"pod IP must not carry a zone: {ip!r}")
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+    return addr.version, str(addr)
+
+
+def check_uid(uid: str) -> str:
+    """Pod UIDs become set comments: non-empty, printable, short enough for both backends."""
+    if not uid or len(uid.encode()) > MAX_UID_LEN or not uid.isprintable():
+        raise ValueError(f"pod UID {uid!r} cannot be a probe set comment (1-{MAX_UID_LEN} printable bytes)")
+    return uid
+
+
+def plan_sync(
+    current: Mapping[str, str], wanted: Mapping[str, str], *, prune: bool
+) -> tuple[dict[str, str], list[str]]:
+    """(entries to upsert, IPs to delete) turning `current` into `wanted`; keys are canonical IPs."""
+    upserts = {ip: uid for ip, uid in wanted.items() if current.get(ip) != uid}
+    deletes = sorted(ip for ip in current if ip not in wanted) if prune else []
+    return upserts, deletes
+
+
+def iptables_host_rule(family: int, config: HostProbeConfig = HostProbeConfig()) -> tuple[str, ...]:
+    """Tokens after `-A ISTIO_POSTRT` (spec §9), in the spec's order."""
+    return ("-m", "owner", "--socket-exists", "-p", "tcp", "-m", "set", "--match-set",
+            config.set_name(family), "dst", "-j", "SNAT", "--to-source", config.snat(family))
+
+
+def render_iptables_host_restore(family: int, config: HostProbeConfig = HostProbeConfig()) -> str:
+    """The spec's `iptables-restore --noflush` input for the host rule of one family."""
+    lines = ["* nat", f"-N {config.chain}", f"-I POSTROUTING 1 -j {config.chain}",
+             " ".join(("-A", config.chain, *iptables_host_rule(family, config))), "COMMIT"]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def render_nft_host_text(uid: int, config: HostProbeConfig = HostProbeConfig()) -> str:
+    """The spec's nft text for the host rules (golden form; the backend sends the JSON twin)."""
+    t = f"inet {config.nft_table}"
+    lines = [f"add table {t}", f"flush table {t}",
+             f"add chain {t} {NFT_HOST_CHAIN} {{ type nat hook postrouting priority {NFT_HOST_PRIORITY} ; }}"]
+    for family in config.families():
+        ip = "ip" if family == 4 else "ip6"
+        lines.append(f"add rule {t} {NFT_HOST_CHAIN} meta l4proto tcp skuid {uid} {ip} daddr "
+                     f"@{config.set_name(family)} counter snat to {config.snat(family)}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _nft_obj(config: HostProbeConfig, **extra: Any) -> dict[str, Any]:
+    return {"family": "inet", "table": config.nft_table, **extra}
+
+
+def nft_host_rule(family: int, uid: int, config: HostProbeConfig = HostProbeConfig()) -> dict[str, Any]:
+    """JSON form of one spec §9 nft rule."""
+    proto = "ip" if family == 4 else "ip6"
+    expr = [
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": uid}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": "daddr"}},
+                   "right": f"@{config.set_name(family)}"}},
+        {"counter": None},
+        {"snat": {"family": proto, "addr": config.snat(family)}},
+    ]
+    return {"add": {"rule": _nft_obj(config, chain=NFT_HOST_CHAIN, expr=expr)}}
+
+
+def nft_install_batch(uid: int, config: HostProbeConfig = HostProbeConfig()) -> dict[str, Any]:
+    """One transaction: drop the old chain whatever its hook spec, recreate it, keep the sets' elements.
+
+    `flush table` would not be enough (a chain with another priority cannot be redefined) and the
+    spec forbids emptying the sets at startup; deleting only the chain does both right.
+    """
+    chain = _nft_obj(config, name=NFT_HOST_CHAIN)
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": {"family": "inet", "name": config.nft_table}}},
+        {"add": {"chain": dict(chain)}},  # exists-ok guard so the delete below cannot fail
+        {"flush": {"chain": dict(chain)}},
+        {"delete": {"chain": dict(chain)}},
+        {"add": {"chain": {**chain, "type": "nat", "hook": "postrouting", "prio": NFT_HOST_PRIORITY,
+                           "policy": "accept"}}},
+        {"add": {"set": _nft_obj(config, name=config.set_v4, type="ipv4_addr")}},
+        {"add": {"set": _nft_obj(config, name=config.set_v6, type="ipv6_addr")}},
+    ]
+    cmds.extend(nft_host_rule(family, uid, config) for family in config.families())
+    return {"nftables": cmds}
+
+
+def nft_upsert_batch(
+    family: int, ip: str, uid: str, config: HostProbeConfig = HostProbeConfig()
+) -> dict[str, Any]:
+    """Replace an element atomically: ensure it exists, delete it, add it with the new comment.
+
+    nft has no "replace element" and `add` keeps the old comment of an existing element.
+    """
+    name = config.set_name(family)
+    return {"nftables": [
+        {"add": {"element": _nft_obj(config, name=name, elem=[ip])}},
+        {"delete": {"element": _nft_obj(config, name=name, elem=[ip])}},
+        {"add": {"element": _nft_obj(config, name=name, elem=[{"elem": {"val": ip, "comment": uid}}])}},
+    ]}
+
+
+def parse_nft_set_elements(doc: Mapping[str, Any]) -> dict[str, str]:
+    """{canonical IP: comment} from `nft -j list set` output; uncommented elements map to ""."""
+    out: dict[str, str] = {}
+    for item in doc.get("nftables", ()):
+        nft_set = item.get("set") if isinstance(item, Mapping) else None
+        if not isinstance(nft_set, Mapping):
+            continue
+        for element in nft_set.get("elem", ()):
+            comment = ""
+            value = element
+            if isinstance(element, Mapping) and isinstance(element.get("elem"), Mapping):
+                value = element["elem"].get("val")
+                comment = str(element["elem"].get("comment", ""))
+            if isinstance(value, str):  # prefixes/ranges are not ours
+                out[normalize_ip(value)[1]] = comment
+    return out
+
+
+# --- kubelet UID discovery (nft) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What discovery needs from one /proc/<pid>."""
+
+    pid: int
+    comm: str
+    argv: tuple[str, ...]
+    uid: int
+
+
+def parse_status_uid(status: str) -> int | None:
+    """Real UID (first field of the `Uid:` line of /proc/<pid>/status)."""
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                return int(fields[1])
+    return None
+
+
+def parse_cmdline(raw: bytes) -> tuple[str, ...]:
+    """NUL-separated argv; the trailing NUL does not make an empty argument."""
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    if not raw:
+        return ()
+    return tuple(arg.decode(errors="replace") for arg in raw.split(b"\0"))
+
+
+def is_kubelet(proc: ProcInfo) -> bool:
+    """Spec §9: comm kubelet/kubelite, any argv element containing "kubelet" (any case), or k3s.
+
+    k3s runs the kubelet in-process and renames itself `k3s-server`/`k3s-agent`, so `k3s-*` counts.
+    """
+    comm = proc.comm.strip()
+    if comm in KUBELET_COMMS or comm == "k3s" or comm.startswith("k3s-"):
+        return True
+    return any("kubelet" in arg.lower() for arg in proc.argv)
+
+
+def pick_kubelet_uid(procs: Iterable[ProcInfo]) -> int | None:
+    """UID of the first (lowest PID) kubelet-like process, None when there is none."""
+    for proc in sorted(procs, key=lambda p: p.pid):
+        if is_kubelet(proc):
+            return proc.uid
+    return None
+
+
+def scan_proc(root: str = "/proc") -> Iterator[ProcInfo]:
+    """Processes under `root` in PID order; ones that vanish or cannot be read are skipped."""
+    try:
+        pids = sorted(int(name) for name in os.listdir(root) if name.isdigit())
+    except OSError:
+        return
+    for pid in pids:
+        base = os.path.join(root, str(pid))
+        try:
+            with open(os.path.join(base, "comm")) as f:
+                comm = f.read().strip()
+            with open(os.path.join(base, "cmdline"), "rb") as fb:
+                argv = parse_cmdline(fb.read())
+            with open(os.path.join(base, "status")) as f:
+                uid = parse_status_uid(f.read())
+        except OSError:
+            continue
+        if uid is not None:
+            yield ProcInfo(pid, comm, argv, uid)
+
+
+def discover_kubelet_uid(root: str = "/proc") -> int | None:
+    """Lazily scans, so the common case stops at the kubelet instead of reading every process."""
+    for proc in scan_proc(root):
+        if is_kubelet(proc):
+            return proc.uid
+    return None
+
+
+# --- the interface -----------------------------------------------------------------------------------
+
+
+class HostProbe(Protocol):
+    """What the orchestrator needs from the host probe rules and set."""
+
+    def install(self, *, retries: int = 1, retry_delay: float = 2.0) -> None:
+        """Startup: remove old host rules (errors ignored), create rules and sets (set contents kept)."""
+
+    def upsert(self, ip: str, uid: str) -> None:
+        """Pod added or its IP changed: the IP's entry now carries `uid` (last writer wins)."""
+
+    def remove(self, ip: str, uid: str) -> bool:
+        """Pod removed: delete the IP's entry only if it carries `uid`; False when kept or absent."""
+
+    def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
+        """Startup reconcile to `wanted` ({ip: uid}); never flushes; prune only when told to."""
+
+    def entries(self) -> dict[str, str]:
+        """Current {ip: uid} across the families' sets."""
+
+    def uninstall(self) -> None:
+        """Confirmed uninstall: remove the rules, then flush and destroy the sets."""
+
+
+class HostRunner(Protocol):
+    """Runs a job on the thread that owns host-side kernel state (NetnsWorker.call_host)."""
+
+    def call_host(self, fn: Callable[[], T]) -> T: ...
+
+
+class _ProbeBase:
+    """The semantics shared by the backends, on top of five kernel primitives run on the host thread."""
+
+    name = "base"
+
+    def __init__(self, worker: HostRunner, config: HostProbeConfig = HostProbeConfig()) -> None:
+        self._worker = worker
+        self.config = config
+
+    # primitives (run inside `_host`)
+    def _k_install(self) -> None:
+        raise NotImplementedError
+
+    def _k_uninstall(self) -> None:
+        raise NotImplementedError
+
+    def _k_read(self, family: int) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _k_put(self, family: int, ip: str, uid: str) -> None:
+        raise NotImplementedError
+
+    def _k_delete(self, family: int, ip: str) -> None:
+        raise NotImplementedError
+
+    def _host(self, fn: Callable[[], T]) -> T:
+        return self._worker.call_host(fn)
+
+    def _prepare(self) -> None:
+        """Work done before install that must not run on the worker (e.g. /proc scans)."""
+
+    # public API
+    def install(self, *, retries: int = 1, retry_delay: float = 2.0) -> None:
+        self._prepare()
+        attempts = max(1, retries)
+        for attempt in range(1, attempts + 1):
+            try:
+                self._host(self._k_install)
+            except (HostProbeError, OSError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("host probe install failed; retrying", backend=self.name, attempt=attempt,
+                            retries=attempts, error=str(exc))
+                time.sleep(retry_delay)
+            else:
+                log.info("host probe rules installed", backend=self.name, ipv6=self.config.ipv6)
+                return
+
+    def upsert(self, ip: str, uid: str) -> None:
+        family, canon = normalize_ip(ip)
+        check_uid(uid)
+        if family not in self.config.families():
+            log.debug("host probe: IPv6 disabled, not adding", ip=canon, uid=uid)
+            return
+        self._host(lambda: self._k_put(family, canon, uid))
+
+    def remove(self, ip: str, uid: str) -> bool:
+        family, canon = normalize_ip(ip)
+
+        def job() -> bool:
+            have = self._k_read(family).get(canon)
+            if have is None:
+                return False
+            if have != uid:
+                log.warning("host probe entry belongs to another pod; kept", ip=canon, uid=uid, owner=have)
+                return False
+            self._k_delete(family, canon)
+            return True
+
+        return self._host(job)
+
+    def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
+        normalized: dict[int, dict[str, str]] = {f: {} for f in self.config.families()}
+        for ip, uid in wanted.items():
+            family, canon = normalize_ip(ip)
+            if family in normalized:
+                normalized[family][canon] = check_uid(uid)
+
+        def job() -> SyncReport:
+            upserted: list[str] = []
+            pruned: list[str] = []
+            for family, want in normalized.items():
+                upserts, deletes = plan_sync(self._k_read(family), want, prune=prune)
+                for ip, uid in upserts.items():
+                    self._k_put(family, ip, uid)
+                    upserted.append(ip)
+                for ip in deletes:
+                    self._k_delete(family, ip)
+                    pruned.append(ip)
+            return SyncReport(tuple(upserted), tuple(pruned), prune_skipped=not prune)
+
+        report = self._host(job)
+        log.info("host probe set synced", backend=self.name, upserted=len(report.upserted),
+                 pruned=len(report.pruned), prune_skipped=report.prune_skipped)
+        return report
+
+    def entries(self) -> dict[str, str]:
+        def job() -> dict[str, str]:
+            out: dict[str, str] = {}
+            for family in self.config.families():
+                out.update(self._k_read(family))
+            return out
+
+        return self._host(job)
+
+    def uninstall(self) -> None:
+        self._host(self._k_uninstall)
+        log.info("host probe rules and sets removed", backend=self.name)
+
+
+# --- iptables-legacy + ipset -------------------------------------------------------------------------
+
+
+_NETLINK_ERRORS = (NetlinkError, OSError)
+"""pyroute2's ipset errors (IPSetError) are NetlinkErrors carrying the kernel/ipset code."""
+
+
+def _ipset_af(family: int) -> int:
+    return socket.AF_INET if family == 4 else socket.AF_INET6
+
+
+def _ipset_entries(messages: Iterable[Any]) -> dict[str, str]:
+    """{ip: comment} from pyroute2 IPSET_CMD_LIST replies (one set, possibly many parts)."""
+    out: dict[str, str] = {}
+    for msg in messages:
+        adt = msg.get_attr("IPSET_ATTR_ADT")
+        if adt is None:
+            continue
+        for data in adt.get_attrs("IPSET_ATTR_DATA"):
+            ip_from = data.get_attr("IPSET_ATTR_IP_FROM")
+            if ip_from is None:
+                continue
+            ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_from.get_attr("IPSET_ATTR_IPADDR_IPV6")
+            if ip:
+                out[normalize_ip(str(ip))[1]] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
+    return out
+
+
+class IptablesHostProbe(_ProbeBase):
+    """nat ISTIO_POSTRT with python-iptables, `hash:ip` ipsets with comments over netlink."""
+
+    name = BACKEND_IPTABLES
+
+    def _ipset(self) -> Any:
+        """A netlink socket per job: it binds to the netns of the (worker host) thread creating it."""
+        return IPSet()
+
+    def _k_install(self) -> None:
+        with self._ipset() as ips:
+            for family in (4, 6):  # both sets always: cheap, and a later IPv6 switch finds them
+                name = self.config.set_name(family)
+                try:
+                    ips.create(name, stype="hash:ip", family=_ipset_af(family), comment=True, exclusive=False)
+                except _NETLINK_ERRORS as exc:
+                    raise HostProbeError(f"ipset create {name} hash:ip family "
+                                         f"{'inet' if family == 4 else 'inet6'} comment: {exc}; "
+                                         "an existing set of another type must be removed by hand") from exc
+        chain_name = self.config.chain
+        for family in self.config.families():
+            try:
+                with iptc_session(family) as tables:
+                    nat = tables.get("nat")
+                    if nat is None:
+                        raise HostProbeError(f"IPv{family} nat table is not available on the host")
+                    self._drop_jumps(nat, chain_name)
+                    if nat.is_chain(chain_name):
+                        nat.flush_entries(chain_name)
+                    else:
+                        nat.create_chain(chain_name)
+                    iptc.Chain(nat, chain_name).append_rule(
+                        build_iptc_rule(family, iptables_host_rule(family, self.config)))
+                    iptc.Chain(nat, "POSTROUTING").insert_rule(build_iptc_rule(family, ("-j", chain_name)), 0)
+                    nat.commit()  # old rules out, new rules in: one commit, no window
+            except (RulesError, iptc.IPTCError, iptc.XTablesError) as exc:
+                raise HostProbeError(f"IPv{family} host probe rule: {exc}") from exc
+
+    @staticmethod
+    def _drop_jumps(nat: Any, chain_name: str) -> bool:
+        changed = False
+        for chain in nat.chains:
+            if not nat.builtin_chain(chain.name):
+                continue
+            for rule in reversed(chain.rules):
+                target = rule.target
+                if target is not None and target.name == chain_name:
+                    chain.delete_rule(rule)
+                    changed = True
+        return changed
+
+    def _k_uninstall(self) -> None:
+        chain_name = self.config.chain
+        for family in self.config.families():
+            try:
+                with iptc_session(family) as tables:
+                    nat = tables.get("nat")
+                    if nat is None:
+                        continue
+                    changed = self._drop_jumps(nat, chain_name)
+                    if nat.is_chain(chain_name):
+                        nat.flush_entries(chain_name)
+                        nat.delete_chain(chain_name)
+                        changed = True
+                    if changed:
+                        nat.commit()
+            except (RulesError, iptc.IPTCError, iptc.XTablesError) as exc:
+                raise HostProbeError(f"IPv{family} host probe rule removal: {exc}") from exc
+        with self._ipset() as ips:
+            for family in (4, 6):
+                name = self.config.set_name(family)
+                for op in (ips.flush, ips.destroy):
+                    try:
+                        op(name)
+                    except _NETLINK_ERRORS as exc:
+                        if getattr(exc, "code", None) == errno.ENOENT:
+                            break
+                        raise HostProbeError(f"ipset {op.__name__} {name}: {exc}") from exc
+
+    def _k_read(self, family: int) -> dict[str, str]:
+        name = self.config.set_name(family)
+        with self._ipset() as ips:
+            try:
+                return _ipset_entries(ips.list(name))
+            except _NETLINK_ERRORS as exc:
+                if getattr(exc, "code", None) == errno.ENOENT:
+                    return {}
+                raise HostProbeError(f"ipset list {name}: {exc}") from exc
+
+    def _k_put(self, family: int, ip: str, uid: str) -> None:
+        name = self.config.set_name(family)
+        with self._ipset() as ips:
+            try:  # -exist: an existing entry gets the new comment (kernel re-inits extensions)
+                ips.add(name, ip, family=_ipset_af(family), exclusive=False, comment=uid)
+            except _NETLINK_ERRORS as exc:
+                raise HostProbeError(f"ipset add -exist {name} {ip} comment {uid!r}: {exc}") from exc
+
+    def _k_delete(self, family: int, ip: str) -> None:
+        name = self.config.set_name(family)
+        with self._ipset() as ips:
+            try:
+                ips.delete(name, ip, family=_ipset_af(family), exclusive=False)
+            except _NETLINK_ERRORS as exc:
+                raise HostProbeError(f"ipset del {name} {ip}: {exc}") from exc
+
+
+# --- nftables ------------------------------------------------------------------------------------------
+
+
+def _nft_run(batch: Mapping[str, Any] | str, what: str) -> str:
+    """One libnftables transaction on the calling thread; a fresh context binds to this netns.
+
+    With JSON output on, libnftables parses JSON input first and falls back to nft syntax, so
+    batches (JSON) and `list` commands (text) share one path.
+    """
+    import nftables  # lazily: a host on iptables-legacy needs no libnftables
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    rc, out, err = nft.cmd(batch if isinstance(batch, str) else json.dumps(batch))
+    if rc != 0:
+        raise HostProbeError(f"nft {what}: {str(err).strip() or f'exit code {rc}'}")
+    return str(out or "")
+
+
+def _nft_missing(exc: HostProbeError) -> bool:
+    return "No such file or directory" in str(exc)
+
+
+class NftHostProbe(_ProbeBase):
+    """Host table `inet istio-ambient-nat`: skuid SNAT chain and the two probe sets."""
+
+    name = BACKEND_NFTABLES
+
+    def __init__(self, worker: HostRunner, config: HostProbeConfig = HostProbeConfig()) -> None:
+        super().__init__(worker, config)
+        self.kubelet_uid: int | None = None
+        """The socket UID the SNAT rule matches; set by `install` (config override or discovery)."""
+
+    def _prepare(self) -> None:
+        if self.config.kubelet_uid is not None:
+            self.kubelet_uid = self.config.kubelet_uid
+            return
+        uid = discover_kubelet_uid(self.config.proc_root)
+        if uid is None:
+            log.warning("no kubelet process found; host probe SNAT matches socket uid 0",
+                        proc_root=self.config.proc_root, uid=FALLBACK_KUBELET_UID)
+            uid = FALLBACK_KUBELET_UID
+        else:
+            log.info("kubelet uid discovered", uid=uid, proc_root=self.config.proc_root)
+        self.kubelet_uid = uid
+
+    def _uid(self) -> int:
+        if self.kubelet_uid is None:
+            self._prepare()
+        assert self.kubelet_uid is not None
+        return self.kubelet_uid
+
+    def _k_install(self) -> None:
+        _nft_run(nft_install_batch(self._uid(), self.config), "install host probe table")
+
+    def _k_uninstall(self) -> None:
+        table = {"table": {"family": "inet", "name": self.config.nft_table}}
+        _nft_run({"nftables": [{"add": table}, {"delete": table}]}, "delete host probe table")
+
+    def _k_read(self, family: int) -> dict[str, str]:
+        name = self.config.set_name(family)
+        try:
+            out = _nft_run(f"list set inet {self.config.nft_table} {name}", f"list set {name}")
+        except HostProbeError as exc:
+            if _nft_missing(exc):
+                return {}
+            raise
+        return parse_nft_set_elements(json.loads(out)) if out.strip() else {}
+
+    def _k_put(self, family: int, ip: str, uid: str) -> None:
+        _nft_run(nft_upsert_batch(family, ip, uid, self.config), f"upsert {ip} ({uid})")
+
+    def _k_delete(self, family: int, ip: str) -> None:
+        elem = _nft_obj(self.config, name=self.config.set_name(family), elem=[ip])
+        _nft_run({"nftables": [{"delete": {"element": elem}}]}, f"delete element {ip}")
+
+
+# --- disabled ------------------------------------------------------------------------------------------
+
+
+class DisabledHostProbe:
+    """Probe rewriting turned off: every call is a no-op, nothing is ever in the set."""
+
+    name = "disabled"
+
+    def install(self, *, retries: int = 1, retry_delay: float = 2.0) -> None:
+        log.info("host probe SNAT disabled")
+
+    def upsert(self, ip: str, uid: str) -> None:
+        normalize_ip(ip)
+
+    def remove(self, ip: str, uid: str) -> bool:
+        normalize_ip(ip)
+        return False
+
+    def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
+        return SyncReport(prune_skipped=not prune)
+
+    def entries(self) -> dict[str, str]:
+        return {}
+
+    def uninstall(self) -> None:
+        return None
+
+
+def make_host_probe(
+    backend: str, worker: HostRunner, config: HostProbeConfig = HostProbeConfig()
+) -> HostProbe:
+    """The host probe for the node's rules backend (the same backend as the pods, spec §10)."""
+    if not config.enabled:
+        return DisabledHostProbe()
+    if backend == BACKEND_IPTABLES:
+        return IptablesHostProbe(worker, config)
+    if backend == BACKEND_NFTABLES:
+        return NftHostProbe(worker, config)
+    raise ValueError(f"unknown rules backend {backend!r} (expected {BACKEND_IPTABLES} or {BACKEND_NFTABLES})")
