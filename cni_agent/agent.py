@@ -24,6 +24,7 @@ from cni_agent.pods.model import Pod
 from cni_agent.pods.netnspath import NetnsPathError, host_netns_path
 from cni_agent.pods.policy import Decision, local_decision
 from cni_agent.redirect.dataplane import Dataplane, DataplaneError
+from cni_agent.redirect.hostprobe import DisabledHostProbe, HostProbe
 from cni_agent.redirect.netns import open_netns
 from cni_agent.redirect.rules import RuleSettings, settings_from_annotations
 from cni_agent.zds.protocol import WorkloadInfo, ZdsError
@@ -65,6 +66,7 @@ class Agent:
     ztunnels: Ztunnels
     registry: LocalRegistry
     cache: PodCache = field(default_factory=PodCache)
+    probe: HostProbe = field(default_factory=DisabledHostProbe)
     open_netns: Callable[[str], int] = open_netns
     status: dict[str, PodStatus] = field(default_factory=dict)
     ready: bool = False
@@ -114,6 +116,23 @@ class Agent:
             kept += 1
         self._persist()
         log.info("local registry restored", pods=kept)
+        await self._sync_probes()
+
+    async def _sync_probes(self) -> None:
+        """Reconcile the probe address set with the enrolled pods (never a flush: probes keep working).
+
+        Pruning is skipped while any enrolled pod has no IP yet, so its entry is not removed by mistake.
+        """
+        pods = [e.pod for e in self.cache.entries()]
+        wanted = {ip: pod.uid for pod in pods for ip in pod.ips}
+        prune = all(pod.ips for pod in pods)
+        report = await asyncio.to_thread(self.probe.sync, wanted, prune=prune)
+        log.info(
+            "probe set reconciled",
+            upserted=len(report.upserted),
+            pruned=len(report.pruned),
+            prune_skipped=report.prune_skipped,
+        )
 
     def mark_ready(self) -> None:
         self.ready = True
@@ -225,6 +244,16 @@ class Agent:
                 "rules are in place; the runtime will retry once a ztunnel is connected and acks",
             ) from exc
         st.ztunnel_acked, st.last_error = True, ""
+        try:
+            for ip in pod.ips:
+                await asyncio.to_thread(self.probe.upsert, ip, pod.uid)
+        except Exception as exc:
+            st.last_error = f"probe set: {exc}"
+            raise CniError(
+                CODE_TRY_AGAIN,
+                f"pod {pod.ref}: updating the probe address set failed: {exc}",
+                "kubelet probes would not be SNATed; the runtime will retry",
+            ) from exc
         log.info("pod enrolled", pod=str(pod.ref), uid=pod.uid, netns=pod.netns_path, ips=list(pod.ips))
 
     async def _remove(self, uid: str, *, pod_deleted: bool) -> None:
@@ -232,6 +261,11 @@ class Agent:
         entry = self.cache.get(uid)
         if entry is None:
             log.debug("DEL for unknown pod", uid=uid)
+        for ip in entry.pod.ips if entry is not None else ():
+            try:
+                await asyncio.to_thread(self.probe.remove, ip, uid)
+            except Exception as exc:
+                log.warning("could not remove pod IP from the probe set", uid=uid, ip=ip, error=str(exc))
         if entry is not None and not pod_deleted and entry.netns_fd is not None:
             await self.dataplane.uninstall(entry.netns_fd)
         try:

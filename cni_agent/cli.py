@@ -30,7 +30,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     from cni_agent.local.registry import LocalRegistry
     from cni_agent.ops.health import HealthServer
     from cni_agent.ops.metrics import Metrics
+    from cni_agent.redirect.backend import BackendError, select_backend
     from cni_agent.redirect.dataplane import KernelDataplane
+    from cni_agent.redirect.hostprobe import HostProbeConfig, make_host_probe
     from cni_agent.redirect.netns import NetnsWorker
     from cni_agent.zds.server import ZdsServer
 
@@ -38,11 +40,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise ConfigError(
             "--pod-source kubernetes is not available yet in this build; use --pod-source local"
         )
-    if settings.rules_backend == "nftables":
-        raise ConfigError(
-            "--rules-backend nftables is not available yet in this build; use iptables-legacy or auto"
-        )
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        backend = await asyncio.to_thread(select_backend, settings.run_dir, settings.rules_backend)
+    except BackendError as exc:
+        raise ConfigError(f"rules backend: {exc}") from exc
     metrics = Metrics()
     worker = NetnsWorker()
     agent: Agent | None = None
@@ -51,18 +53,24 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         lambda: agent.snapshot() if agent else [],
         on_change=metrics.ztunnel_connected.set,
     )
-    dataplane = KernelDataplane(worker, ipv6=settings.ipv6)
-    agent = Agent(settings, dataplane, zds, LocalRegistry(settings.local_registry))
+    dataplane = KernelDataplane(worker, backend=backend.name, ipv6=settings.ipv6)
+    probe = make_host_probe(
+        backend.name,
+        worker,
+        HostProbeConfig(enabled=settings.host_probe, ipv6=settings.ipv6, proc_root=str(settings.host_proc)),
+    )
+    agent = Agent(settings, dataplane, zds, LocalRegistry(settings.local_registry), probe=probe)
     plugin = PluginServer(str(settings.plugin_socket), agent)
     metrics.watch_plugin_requests(lambda: plugin.responses)
     metrics.pods_enrolled.set_function(lambda: len(agent.cache) if agent else 0)
-    metrics.rules_backend.labels(backend="iptables-legacy").set(1)
+    metrics.rules_backend.labels(backend=backend.name).set(1)
     health = HealthServer(
         settings.health_port, lambda: (True, "") if agent and agent.ready else (False, "starting")
     )
     try:
         metrics.serve(settings.metrics_port)
         await health.start()
+        await asyncio.to_thread(probe.install, retries=10, retry_delay=2.0)
         await agent.restore()
         await zds.bind()
         await plugin.start()
@@ -75,7 +83,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             pod_source=settings.pod_source,
             plugin_socket=str(settings.plugin_socket),
             ztunnel_socket=str(settings.ztunnel_socket),
-            rules_backend="iptables-legacy",
+            rules_backend=backend.name,
+            rules_backend_evidence=backend.evidence,
             pods=len(agent.cache),
         )
         await stop.wait()

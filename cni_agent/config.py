@@ -65,6 +65,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "",
         "prefix for host netns paths when the agent runs in a container (e.g. /host)",
     ),
+    Option("--host-probe", "true", "SNAT kubelet probes to enrolled pods (host rule + probe address set)"),
 )
 
 
@@ -87,6 +88,7 @@ class Settings:
     dns_capture: bool = True
     ipv6: bool = False
     netns_host_prefix: str = ""
+    host_probe: bool = True
 
     @property
     def plugin_socket(self) -> Path:
@@ -175,6 +177,7 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
         dns_capture=_bool(by["dns_capture"], raw["dns_capture"]),
         ipv6=_bool(by["ipv6"], raw["ipv6"]),
         netns_host_prefix=raw["netns_host_prefix"].rstrip("/"),
+        host_probe=_bool(by["host_probe"], raw["host_probe"]),
     )
 
 

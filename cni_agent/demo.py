@@ -53,7 +53,7 @@ def _report(env: LocalEnv, pods: dict[str, NodePod]) -> bool:
         enrolled = running is not None or rules > 0
         say(f"  {pod.namespace}/{pod.name} ({pod.ip})")
         say(f"    enrolled:        {'yes' if enrolled else 'no (namespace excluded)'}")
-        say(f"    rules installed: {f'yes, {rules} ISTIO_* rules' if rules else 'no'}")
+        say(f"    rules installed: {f'yes, {rules} rules ({env.backend})' if rules else 'no'}")
         say(f"    ztunnel acked:   {'yes' if running is not None else 'no'}")
         for seen in running.listeners.intercepted if running is not None else []:
             say(
@@ -89,17 +89,25 @@ def run_demo(plugin: Path, keep_logs: bool = False) -> int:
             say(f"    {ns}/{name}: ADD ok in {(time.monotonic() - t0) * 1000:.0f} ms, ip {pods[name].ip}")
 
         say("==> traffic")
-        client, server = pods["client"], pods["server"]
+        client, server, outsider = pods["client"], pods["server"], pods["coredns"]
         env.connect(client.netns_path, (server.ip, 8080))
-        say(f"    client -> {server.ip}:8080")
-        env.connect(env.node_netns_path, (server.ip, 80))
-        say(f"    node   -> {server.ip}:80")
+        say(f"    {'demo/client':<21}-> {server.ip}:8080  (outbound from an enrolled pod)")
+        env.connect(outsider.netns_path, (server.ip, 80))
+        say(f"    {'kube-system/coredns':<21}-> {server.ip}:80    (inbound to an enrolled pod)")
+        with env.listen(server.netns_path, 8081) as app:
+            env.connect(env.node_netns_path, (server.ip, 8081))
+            probe_src = app.accept()[1][0]
+        say(
+            f"    {'node (kubelet probe)':<21}-> {server.ip}:8081  "
+            f"reached the app from {probe_src} (SNAT, not captured)"
+        )
         out_ok = env.ztunnel.running[client.uid].listeners.wait_for(lambda s: s.port == 15001, 3)
         in_ok = env.ztunnel.running[server.uid].listeners.wait_for(lambda s: s.port == 15006, 3)
 
         say("==> report")
         ok = _report(env, pods)
         ok &= out_ok.original_dst == (server.ip, 8080) and in_ok.original_dst == (server.ip, 80)
+        ok &= probe_src == "169.254.7.127"
 
         say("==> deleting pods (CNI DEL)")
         for pod in list(pods.values()):

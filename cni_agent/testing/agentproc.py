@@ -16,8 +16,12 @@ from pathlib import Path
 
 
 class AgentProcess:
-    def __init__(self, workdir: Path, *, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, workdir: Path, *, extra_args: Sequence[str] = (), netns: str = "") -> None:
+        """`netns`: run the agent inside that named netns (a test "node"), so host-side rules it
+        installs (probe SNAT, probe sets) stay there instead of landing on the real host.
+        Without it the host probe is disabled, for the same reason."""
         self.workdir = workdir
+        self.netns = netns
         self.run_dir = workdir / "run"
         self.ztunnel_socket = workdir / "ztunnel" / "ztunnel.sock"
         self.log_path = workdir / "agent.log"
@@ -29,7 +33,10 @@ class AgentProcess:
         return self.run_dir / "plugin.sock"
 
     def argv(self) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        probe = [] if self.netns else ["--host-probe", "false"]
         return [
+            *prefix,
             sys.executable,
             "-m",
             "cni_agent",
@@ -46,6 +53,7 @@ class AgentProcess:
             "0",
             "--log-level",
             "debug",
+            *probe,
             *self.extra_args,
         ]
 

@@ -94,6 +94,7 @@ class CaptureListeners:
 
     def start(self) -> CaptureListeners:
         """Create the sockets inside the netns (first bind failure aborts, like ztunnel), start accepting."""
+
         def create() -> list[socket.socket]:
             made: list[socket.socket] = []
             try:

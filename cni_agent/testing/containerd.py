@@ -81,8 +81,11 @@ def build_pause_binary(build_dir: Path = BUILD_DIR) -> Path:
     binary.unlink(missing_ok=True)
     proc = subprocess.run(
         [_go(), "build", "-trimpath", "-ldflags=-s -w", "-o", str(binary), "."],
-        cwd=src_dir, env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": ""},
-        capture_output=True, text=True, check=False,
+        cwd=src_dir,
+        env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": ""},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise ContainerdError(f"building the pause binary failed:\n{proc.stderr}")
@@ -110,31 +113,50 @@ def build_pause_image(build_dir: Path = BUILD_DIR, ref: str = IMAGE_REF) -> Path
     with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as layer:
         _tar_add(layer, "pause", binary.read_bytes(), 0o755)
     layer_blob = layer_buf.getvalue()
-    config_blob = _json({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Entrypoint": ["/pause"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [_sha(layer_blob)]},
-        "history": [{"created_by": "cni_agent.testing.containerd", "comment": "e2e sandbox image"}],
-    })
-    manifest_blob = _json({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": _sha(config_blob),
-                   "size": len(config_blob)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": _sha(layer_blob),
-                    "size": len(layer_blob)}],
-    })
-    index_blob = _json({
-        "schemaVersion": 2,
-        "manifests": [{
+    config_blob = _json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": ["/pause"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": [_sha(layer_blob)]},
+            "history": [{"created_by": "cni_agent.testing.containerd", "comment": "e2e sandbox image"}],
+        }
+    )
+    manifest_blob = _json(
+        {
+            "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": _sha(manifest_blob),
-            "size": len(manifest_blob),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"io.containerd.image.name": ref, "org.opencontainers.image.ref.name": ref},
-        }],
-    })
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _sha(config_blob),
+                "size": len(config_blob),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": _sha(layer_blob),
+                    "size": len(layer_blob),
+                }
+            ],
+        }
+    )
+    index_blob = _json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": _sha(manifest_blob),
+                    "size": len(manifest_blob),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {
+                        "io.containerd.image.name": ref,
+                        "org.opencontainers.image.ref.name": ref,
+                    },
+                }
+            ],
+        }
+    )
     out = build_dir / f"pause-image-{hashlib.sha256(index_blob).hexdigest()[:12]}.tar"
     if out.exists():
         return out
@@ -215,22 +237,38 @@ class ContainerdHarness:
             "name": NETWORK_NAME,
             "plugins": [
                 # No gateway: nothing is routed to or from the host; no masquerade either.
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": False, "ipMasq": False,
-                 "hairpinMode": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]],
-                          "dataDir": str(self.ipam_dir)}},
-                {"type": "ambient-cni", "agent_socket": str(self.agent_socket),
-                 "exclude_namespaces": self.exclude_namespaces, "pod_namespace": "istio-system",
-                 "pod_name_prefix": "ambient-cni-node-", "log_level": "debug"},
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "hairpinMode": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": SUBNET}]],
+                        "dataDir": str(self.ipam_dir),
+                    },
+                },
+                {
+                    "type": "ambient-cni",
+                    "agent_socket": str(self.agent_socket),
+                    "exclude_namespaces": self.exclude_namespaces,
+                    "pod_namespace": "istio-system",
+                    "pod_name_prefix": "ambient-cni-node-",
+                    "log_level": "debug",
+                },
             ],
         }
 
     def config_toml(self) -> str:
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         disabled = [
-            "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-            "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-            "io.containerd.snapshotter.v1.native", "io.containerd.tracing.processor.v1.otlp",
+            "io.containerd.snapshotter.v1.aufs",
+            "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.zfs",
+            "io.containerd.snapshotter.v1.devmapper",
+            "io.containerd.snapshotter.v1.native",
+            "io.containerd.tracing.processor.v1.otlp",
             "io.containerd.internal.v1.tracing",
         ]
         return f"""\
@@ -271,7 +309,7 @@ disabled_plugins = {json.dumps(disabled)}
   runtime_type = "io.containerd.runc.v2"
 
 [{cri}.containerd.runtimes.runc.options]
-  BinaryName = "{shutil.which('runc') or '/usr/sbin/runc'}"
+  BinaryName = "{shutil.which("runc") or "/usr/sbin/runc"}"
   Root = "{self.state}/runc"
   SystemdCgroup = false
 
@@ -316,7 +354,10 @@ disabled_plugins = {json.dumps(disabled)}
         with self.log_path.open("ab") as logf:
             self.proc = subprocess.Popen(
                 ["containerd", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
             )
         try:
             self._wait_ready()
@@ -345,8 +386,13 @@ disabled_plugins = {json.dumps(disabled)}
         raise self._fail(f"containerd CRI not ready after {self.start_timeout}s (last error: {last})")
 
     def ctr(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["ctr", "-a", str(self.socket), "-n", K8S_NS, *argv],
-                              capture_output=True, text=True, check=False, timeout=60)
+        proc = subprocess.run(
+            ["ctr", "-a", str(self.socket), "-n", K8S_NS, *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         if check and proc.returncode != 0:
             raise self._fail(f"ctr {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc

@@ -114,8 +114,12 @@ class CriClient:
             path = self.log_root / f"{namespace}_{name}_{uid}"
             path.mkdir(parents=True, exist_ok=True)
             log_dir = str(path)
-        all_labels = {**(labels or {}), LABEL_POD_NAME: name, LABEL_POD_NAMESPACE: namespace,
-                      LABEL_POD_UID: uid}
+        all_labels = {
+            **(labels or {}),
+            LABEL_POD_NAME: name,
+            LABEL_POD_NAMESPACE: namespace,
+            LABEL_POD_UID: uid,
+        }
         all_annotations = {"kubernetes.io/config.source": "api", **(annotations or {})}
         security = api_pb2.LinuxSandboxSecurityContext(
             namespace_options=api_pb2.NamespaceOption(

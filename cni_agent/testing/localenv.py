@@ -7,12 +7,14 @@ real ZDS peer that listens inside each pod.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cni_agent.redirect.backend import STATE_FILE
 from cni_agent.redirect.netns import NetnsWorker, open_netns
 from cni_agent.testing.agentproc import AgentProcess
 from cni_agent.testing.node import LocalNode, NodePod
@@ -30,9 +32,15 @@ def wait_for(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0
 
 
 class LocalEnv:
-    def __init__(self, workdir: Path, shim: Path, *, agent_args: tuple[str, ...] = ()) -> None:
-        self.agent = AgentProcess(workdir / "ag", extra_args=agent_args)
-        self.node = LocalNode(workdir / "node", shim, self.agent.plugin_socket)
+    def __init__(
+        self, workdir: Path, shim: Path, *, rules_backend: str = "auto", agent_args: tuple[str, ...] = ()
+    ) -> None:
+        agent_dir = workdir / "ag"
+        self.node = LocalNode(workdir / "node", shim, AgentProcess(agent_dir).plugin_socket)
+        # The agent runs inside the node netns: its "host" side (probe SNAT, probe sets) is the node's.
+        self.agent = AgentProcess(
+            agent_dir, extra_args=("--rules-backend", rules_backend, *agent_args), netns=self.node.node_netns
+        )
         self.ztunnel = FakeZtunnel(str(self.agent.ztunnel_socket))
         self.worker = NetnsWorker()
 
@@ -74,14 +82,52 @@ class LocalEnv:
         finally:
             os.close(fd)
 
+    def listen(self, netns_path: str, port: int) -> socket.socket:
+        """A plain TCP listener (an "app") inside `netns_path`; the socket stays in that netns."""
+        fd = open_netns(netns_path)
+        try:
+
+            def bind() -> socket.socket:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("0.0.0.0", port))
+                sock.listen(16)
+                sock.settimeout(5)
+                return sock
+
+            return self.worker.call(fd, bind)
+        finally:
+            os.close(fd)
+
     @property
     def node_netns_path(self) -> str:
         return f"/var/run/netns/{self.node.node_netns}"
 
+    @property
+    def backend(self) -> str:
+        """The backend the agent chose (it persists the choice in its run dir)."""
+        return (self.agent.run_dir / STATE_FILE).read_text().strip()
+
     def istio_rules(self, pod: NodePod) -> list[str]:
-        """Our rules in the pod as `iptables-legacy-save` shows them, table-prefixed."""
+        """Our rules in the pod, one line each, from whichever backend the agent uses."""
         lines: list[str] = []
+        if self.backend == "nftables":
+            out = self.node.exec(pod.netns_name, ["nft", "-j", "list", "ruleset"]).stdout
+            for obj in json.loads(out or '{"nftables": []}')["nftables"]:
+                rule = obj.get("rule")
+                if rule and str(rule.get("table", "")).startswith("istio-ambient-"):
+                    lines.append(f"{rule['table']} {rule['chain']}: {json.dumps(rule['expr'])}")
+            return lines
         for table in ("mangle", "nat", "raw"):
             out = self.node.exec(pod.netns_name, ["iptables-legacy-save", "-t", table]).stdout
             lines += [f"{table}: {ln}" for ln in out.splitlines() if ln.startswith("-A") and "ISTIO_" in ln]
         return lines
+
+    def break_rules(self, pod: NodePod) -> None:
+        """Flush our outbound chain by hand, as a careless operator or another agent might."""
+        argv = (
+            ["nft", "flush", "chain", "inet", "istio-ambient-nat", "istio-output"]
+            if self.backend == "nftables"
+            else ["iptables-legacy", "-t", "nat", "-F", "ISTIO_OUTPUT"]
+        )
+        self.node.exec(pod.netns_name, argv, check=True)

@@ -55,11 +55,18 @@ class TestNetns:
         self._fds.append(fd)
         return fd
 
-    def exec(self, argv: Sequence[str], *, input: str | None = None, check: bool = False,
-             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, argv: Sequence[str], *, input: str | None = None, check: bool = False, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the netns (via `ip netns exec`), capturing text output."""
-        return subprocess.run(["ip", "netns", "exec", self.name, *argv], input=input, capture_output=True,
-                              text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
 
     def veth(self, other: TestNetns | None, addr: str, other_addr: str | None = None) -> tuple[str, str]:
         """A veth pair: one end here with `addr` (CIDR), the other in `other` (None = caller's netns).

@@ -93,6 +93,7 @@ class LocalNode:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": str(self.subnet)}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": str(workdir / "ipam"),
                     },
                 },

@@ -46,7 +46,7 @@ class E2E:
 
 @pytest.fixture
 def e2e(containerd: ContainerdHarness, e2e_dir: Path) -> Iterator[E2E]:
-    agent = AgentProcess(e2e_dir / "agent")
+    agent = AgentProcess(e2e_dir / "agent", extra_args=["--rules-backend", "iptables-legacy"])
     assert agent.plugin_socket == containerd.agent_socket
     shutil.rmtree(agent.run_dir, ignore_errors=True)  # no registry carried over from the previous test
     agent.start()

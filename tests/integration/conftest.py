@@ -42,10 +42,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield d
 
 
-@pytest.fixture
-def env(workdir: Path, shim: Path) -> Iterator[LocalEnv]:
+@pytest.fixture(params=["iptables-legacy", "nftables"])
+def env(request: pytest.FixtureRequest, workdir: Path, shim: Path) -> Iterator[LocalEnv]:
     """A started local node: agent in local mode, CNI-wired node netns, connected ztunnel-like peer."""
-    e = LocalEnv(workdir, shim)
+    e = LocalEnv(workdir, shim, rules_backend=request.param)
     try:
         yield e.start()
     finally:

@@ -49,7 +49,7 @@ def test_check_reports_missing_rules_and_then_passes_after_repair(env: LocalEnv)
     conf = entry(env, prevResult=pod.result)
     assert shim(env, "CHECK", conf, **pod_env(pod)) == (0, {})
     # an operator (or another agent) flushes our nat chain: CHECK must notice
-    env.node.exec(pod.netns_name, ["iptables-legacy", "-t", "nat", "-F", "ISTIO_OUTPUT"], check=True)
+    env.break_rules(pod)
     code, err = shim(env, "CHECK", conf, **pod_env(pod))
     assert code == 1 and err["code"] == 11 and "rules" in err["msg"], err
     # CHECK of an excluded pod is fine; CHECK for a config version < 0.4.0 is refused (code 1)
@@ -164,10 +164,12 @@ def test_del_of_an_older_sandbox_keeps_the_current_one(env: LocalEnv) -> None:
 
 
 def test_host_netns_is_never_treated_as_a_pod(env: LocalEnv) -> None:
+    """The agent runs in the node netns (its "host"): an alias of that netns must be refused."""
     alias = Path("/var/run/netns") / f"acni-hostalias-{os.getpid()}"
     alias.write_text("")
-    subprocess.run(["mount", "--bind", f"/proc/{os.getpid()}/ns/net", str(alias)], check=True)
-    before = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True, check=True).stdout
+    subprocess.run(["mount", "--bind", env.node_netns_path, str(alias)], check=True)
+    save = ["ip", "netns", "exec", env.node.node_netns, "sh", "-c", "iptables-legacy-save; nft list ruleset"]
+    before = subprocess.run(save, capture_output=True, text=True, check=True).stdout
     try:
         code, err = shim(
             env,
@@ -182,7 +184,7 @@ def test_host_netns_is_never_treated_as_a_pod(env: LocalEnv) -> None:
         subprocess.run(["umount", str(alias)], check=False)
         alias.unlink()
     assert code == 1 and err["code"] == 7 and "host's network namespace" in err["msg"], err
-    after = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True, check=True).stdout
+    after = subprocess.run(save, capture_output=True, text=True, check=True).stdout
     strip = [ln for ln in before.splitlines() if not ln.startswith("#")]
     assert [ln for ln in after.splitlines() if not ln.startswith("#")] == strip
 

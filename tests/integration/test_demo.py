@@ -35,4 +35,5 @@ def test_demo_succeeds_and_cleans_up(shim: Path) -> None:
     assert "port 15006, original destination" in out
     assert "enrolled:        no (namespace excluded)" in out
     assert "ztunnel dropped every pod" in out
+    assert "reached the app from 169.254.7.127 (SNAT, not captured)" in out
     assert _host_state() == before

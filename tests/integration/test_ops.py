@@ -44,7 +44,8 @@ def test_health_and_metrics(workdir: Path) -> None:
         peer.wait_until(lambda z: z.snapshot_received, 5)
         _, body = get(f"http://127.0.0.1:{mp}/metrics")
         assert "ztunnel_connected 1.0" in body
-        assert 'cni_agent_rules_backend{backend="iptables-legacy"} 1.0' in body
+        backend = (agent.run_dir / "rules-backend").read_text().strip()
+        assert f'cni_agent_rules_backend{{backend="{backend}"}} 1.0' in body
     finally:
         peer.stop()
         assert agent.stop() == 0, agent.log()
