@@ -70,7 +70,7 @@ class Agent:
     open_netns: Callable[[str], int] = open_netns
     status: dict[str, PodStatus] = field(default_factory=dict)
     ready: bool = False
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _locks: dict[str, tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -285,13 +285,15 @@ class Agent:
     @asynccontextmanager
     async def _pod_lock(self, uid: str) -> AsyncIterator[None]:
         """ADD, DEL and audits of one pod never interleave; different pods run in parallel."""
-        lock = self._locks.setdefault(uid, asyncio.Lock())
+        lock, users = self._locks.setdefault(uid, (asyncio.Lock(), [0]))
+        users[0] += 1
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
-                self._locks.pop(uid, None)
+            users[0] -= 1
+            if users[0] == 0:  # nobody holds or waits for it: do not keep one lock per pod ever seen
+                del self._locks[uid]
 
     def _decide(self, pod: Pod, req: CniRequest) -> Decision:
         """The agent's exclusions and the ones in the request's conflist entry both apply."""

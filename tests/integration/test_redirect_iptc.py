@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -16,8 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from cni_agent.redirect import routes
 from cni_agent.redirect.dataplane import KernelDataplane
-from cni_agent.redirect.iptc import IptablesLegacyBackend
+from cni_agent.redirect.iptc import IptablesLegacyBackend, wanted_rule
 from cni_agent.redirect.netns import (
     NetnsError,
     NetnsWorker,
@@ -263,6 +265,62 @@ def test_install_routes_verify_uninstall(worker: NetnsWorker, ns_factory: list[T
         for t in TABLES:
             assert "ISTIO" not in save(ns, t, family)
     assert asyncio.run(dp.verify(fd, settings)) is False
+
+
+def test_route_errors_carry_the_kernel_reason(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    """The batched requests are acked one by one: a failing one is reported with its errno."""
+    ns = new_ns(ns_factory)
+    bogus_lo = 999_999  # no such ifindex: RTM_NEWROUTE fails with ENODEV
+    with pytest.raises(routes.RoutesError) as info:
+        worker.call(ns.open(), lambda: routes._transact(routes._apply_requests(False, False, bogus_lo)))
+    assert info.value.code == errno.ENODEV
+    assert "route replace local 0.0.0.0/0 dev lo table 100" in str(info.value)
+    assert ns.exec(["ip", "route", "show", "table", "100"]).stdout.strip() == ""
+    worker.call(ns.open(), lambda: routes.apply_routes(False))  # the real lo works
+    assert "local default dev lo" in ns.exec(["ip", "route", "show", "table", "100"], check=True).stdout
+
+
+def test_v6_rule_without_lo_ipv6(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    """Spec §6.2: no IPv6 on lo -> the v6 rule only; verify still passes, apply stays idempotent."""
+    ns = new_ns(ns_factory)
+    ns.exec(["sysctl", "-w", "net.ipv6.conf.lo.disable_ipv6=1"], check=True)
+    fd = ns.open()
+    assert worker.call(fd, routes.lo_has_ipv6) is False
+    worker.call(fd, lambda: routes.apply_routes(True))
+    worker.call(fd, lambda: routes.apply_routes(True))
+    assert ns.exec(["ip", "-6", "rule"], check=True).stdout.count("32764:") == 1
+    assert ns.exec(["ip", "-6", "route", "show", "table", "100"]).stdout.strip() == ""
+    assert "local default dev lo" in ns.exec(["ip", "route", "show", "table", "100"], check=True).stdout
+    assert worker.call(fd, lambda: routes.routes_present(True)) is True
+    worker.call(fd, lambda: routes.remove_routes(True))
+    assert worker.call(fd, lambda: routes.routes_present(True)) is False
+
+
+def test_cached_rules_outlive_the_netns_they_were_built_in(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    """Rules are built once (`wanted_rule`) and reused: after their first netns is gone, a second pod
+    still gets exactly the reference rule set, IPv4 and IPv6, without rebuilding."""
+    settings = RuleSettings(reroute_interfaces=("cache0",))
+    rulesets = [build_ruleset(settings, 4), build_ruleset(settings, 6)]
+    wanted_rule.cache_clear()
+    first = new_ns(ns_factory)
+    apply(worker, first, *rulesets)
+    built = wanted_rule.cache_info().misses
+    # one build per distinct (family, spec): `-j ISTIO_PRERT` serves mangle, nat and raw alike
+    assert built == len({(rs.family, r.spec) for rs in rulesets for r in rs.rules})
+    first.cleanup()
+
+    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    apply(worker, ours, *rulesets)
+    assert wanted_rule.cache_info().misses == built  # nothing rebuilt
+    for rs in rulesets:
+        restore(ref, rs)
+    for family in (4, 6):
+        for table in ("mangle", "nat", "raw"):
+            assert save(ours, table, family) == save(ref, table, family), (family, table)
+    assert "-i cache0" in save(ours, "nat", 6)
+    assert matches(worker, ours, *rulesets)
 
 
 # --- real traffic ----------------------------------------------------------------------------------

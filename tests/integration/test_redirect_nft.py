@@ -293,6 +293,23 @@ def test_dns_off_removes_leftover_raw_and_foreign_tables_survive(
     assert_host_has_no_pod_rules()
 
 
+def test_table_check_sees_only_inet_tables(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    """The raw netlink table dump (the per-pod "anything of ours?" check) agrees with nft itself."""
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    assert worker.call(fd, nft_mod.inet_table_names) == set()
+    assert worker.call(fd, lambda: NftablesBackend().present()) is False
+    nft_load(ns, "add table ip istio-ambient-nat\nadd table inet foreign\n")  # ip family: not ours
+    assert worker.call(fd, nft_mod.inet_table_names) == {"foreign"}
+    assert worker.call(fd, lambda: NftablesBackend().present()) is False
+    rulesets = rs_for(RuleSettings(), (4,))
+    apply(worker, ns, rulesets)
+    assert worker.call(fd, nft_mod.inet_table_names) == {"foreign", *OUR_TABLES}
+    assert worker.call(fd, lambda: NftablesBackend().present()) is True
+    assert worker.call(fd, nft_mod.inet_table_names) == {
+        o["table"]["name"] for o in listing(ns) if "table" in o and o["table"]["family"] == "inet"}
+
+
 # --- dataplane: routes + rules, migration between backends ------------------------------------------
 
 
