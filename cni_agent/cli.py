@@ -140,6 +140,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Remove what the agent put on the node outside pods: the host probe rule and probe sets.
+
+    Run it only when the agent is being removed from the node for good: while the agent is merely
+    restarting or upgrading these must stay (kubelet probes of running pods depend on them).
+    In-pod rules of running pods are left alone; they disappear with the pods.
+    """
+    from cni_agent.redirect.backend import read_persisted
+    from cni_agent.redirect.hostprobe import HostProbeConfig, make_host_probe
+    from cni_agent.redirect.netns import NetnsWorker
+
+    settings = resolve(args)
+    ops_logging.configure(settings.log_level)
+    backend = read_persisted(settings.run_dir)
+    if backend is None:
+        print(
+            f"cni-agent: nothing to uninstall: no rules backend recorded in {settings.run_dir}",
+            file=sys.stderr,
+        )
+        return 0
+    worker = NetnsWorker()
+    try:
+        probe = make_host_probe(
+            backend, worker, HostProbeConfig(ipv6=settings.ipv6, proc_root=str(settings.host_proc))
+        )
+        probe.uninstall()
+    finally:
+        worker.close()
+    settings.ready_marker.unlink(missing_ok=True)
+    print(
+        f"cni-agent: removed the host probe rule and probe sets ({backend}); "
+        "pods' own rules were left in place"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cni_agent.demo import run_demo
 
@@ -163,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("pod", help="uid, name, namespace/name or container id")
     add_run_arguments(p_inspect)
     p_inspect.set_defaults(func=cmd_inspect)
+    p_uninstall = sub.add_parser("uninstall", help="remove host-side rules and sets (agent leaving the node)")
+    add_run_arguments(p_uninstall)
+    p_uninstall.set_defaults(func=cmd_uninstall)
     p_version = sub.add_parser("version", help="print the version")
     p_version.set_defaults(func=lambda _a: print(f"cni-agent {__version__}") or 0)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,48 @@ def test_del_that_fails_validation_still_removes_the_pod(env: LocalEnv) -> None:
     # an entry the agent does not accept (and a malformed CNI_ARGS pair): DEL still succeeds and removes
     assert shim(env, "DEL", entry(env, timeout_seconds="soon"), **broken_args)[0] == 0
     assert wait_for(lambda: pod.uid not in env.ztunnel.running), env.agent.log()[-3000:]
+
+
+def test_uninstall_removes_host_probe_rules_but_not_pod_rules(env: LocalEnv) -> None:
+    pod = env.node.add_pod("stays", "demo")
+    node = env.node.node_netns
+
+    def host_state() -> str:
+        return subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node,
+                "sh",
+                "-c",
+                "iptables-legacy-save -t nat; nft list ruleset; ipset -n list",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+
+    assert "istio-inpod-probes-v4" in host_state()
+    env.agent.stop()
+    res = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node,
+            sys.executable,
+            "-m",
+            "cni_agent",
+            "uninstall",
+            "--run-dir",
+            str(env.agent.run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    state = host_state()
+    assert "istio-inpod-probes" not in state and "ISTIO_POSTRT" not in state, state
+    assert len(env.istio_rules(pod)) == 18  # running pods keep their redirection
