@@ -65,6 +65,7 @@ class Listeners(Protocol):
 
 ListenerFactory = Callable[[int], Listeners]
 NackHook = Callable[[Request], "str | None"]
+RawReplyHook = Callable[[Request], "bytes | None"]
 
 
 def capture_factory(netns_fd: int) -> Listeners:
@@ -123,8 +124,10 @@ class FakeZtunnel:
 
     State survives reconnects (`running`); `restart()` simulates a new process (everything drained).
     Tests observe `running`, `requests`, `acks_sent`, `connections`, `snapshots`, `exited`, and wait
-    with `wait_until(pred)`. Failure hooks: `auto_ack=False` (read requests, never answer) and
-    `nack_with` (a string to nack every Add with, or a callable request -> nack text or None).
+    with `wait_until(pred)`. Failure hooks (things a real ztunnel does not do, to test the agent):
+    `auto_ack=False` (read requests, never answer), `nack_with` (a string to nack every Add with, or a
+    callable request -> nack text or None), `raw_reply` (request -> bytes to send instead of the ack,
+    or None for the normal ack) and `send_unsolicited(data)`.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class FakeZtunnel:
         listener_factory: ListenerFactory | None = None,
         auto_ack: bool = True,
         nack_with: str | NackHook | None = None,
+        raw_reply: RawReplyHook | None = None,
         pending_retry: float = 5.0,
         max_backoff: float = 15.0,
     ) -> None:
@@ -141,6 +145,7 @@ class FakeZtunnel:
         self.listener_factory: ListenerFactory = listener_factory or capture_factory
         self.auto_ack = auto_ack
         self.nack_with = nack_with
+        self.raw_reply = raw_reply
         self.pending_retry = pending_retry
         self.max_backoff = max_backoff
 
@@ -162,6 +167,7 @@ class FakeZtunnel:
         self.requests: list[Request] = []
         self.acks_sent: list[tuple[Request | None, str]] = []
         self.exited: str | None = None
+        self._exit_reason = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -186,6 +192,9 @@ class FakeZtunnel:
             for uid in list(self.running):
                 self._drain(uid)
             self._drop_pending()
+            # a stopped process has no connection and no snapshot: waiters must not see stale state
+            self.snapshot_received = False
+            self.snapshot_names = set()
             self._cond.notify_all()
 
     def restart(self) -> None:
@@ -196,6 +205,14 @@ class FakeZtunnel:
     def reconnect(self) -> None:
         """Drop the connection only (as after a read error); running proxies survive."""
         self._kick()
+
+    def send_unsolicited(self, data: bytes) -> None:
+        """Write a record the agent did not ask for (ztunnel never does: a protocol violation)."""
+        with self._cond:
+            sock = self._sock
+        if sock is None:
+            raise ConnectionError("fake ztunnel is not connected")
+        sock.send(data)
 
     def _kick(self) -> None:
         with self._cond:
@@ -263,9 +280,11 @@ class FakeZtunnel:
                 sock.close()
             log.info("ztunnel.disconnected", outcome=outcome)
             if outcome == "exit":
+                # the process is gone: its proxies with it, all at once as far as observers can tell
                 with self._cond:
                     for uid in list(self.running):
                         self._drain(uid)
+                    self.exited = self._exit_reason
                     self._cond.notify_all()
                 return
             # EOF or read error: reconnect at once, no sleep (§7).
@@ -304,9 +323,7 @@ class FakeZtunnel:
             try:
                 outcome = self._handle(sock, data, fds, flags)
             except _Fatal as exc:
-                with self._cond:
-                    self.exited = str(exc)
-                    self._cond.notify_all()
+                self._exit_reason = str(exc)
                 log.error("ztunnel.exit", reason=str(exc))
                 return "exit"
             except OSError as exc:  # the ack could not be written
@@ -348,6 +365,12 @@ class FakeZtunnel:
         if not self.auto_ack:
             if fd is not None:
                 os.close(fd)
+            return None
+        raw = self.raw_reply(req) if self.raw_reply is not None else None
+        if raw is not None:
+            if fd is not None:
+                os.close(fd)
+            sock.send(raw)
             return None
         nack = self._nack_for(req)
         if nack is not None:
@@ -497,8 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cni_agent.testing.ztunnel", description=__doc__)
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="agent ZDS socket path")
     parser.add_argument("--pending-retry", type=float, default=5.0)
-    parser.add_argument("--listeners", choices=("capture", "none"), default="capture",
-                        help="bind capture listeners in each pod netns (default) or nothing")
+    parser.add_argument(
+        "--listeners",
+        choices=("capture", "none"),
+        default="capture",
+        help="bind capture listeners in each pod netns (default) or nothing",
+    )
     args = parser.parse_args(argv)
 
     done = threading.Event()
@@ -519,10 +546,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for uid, proxy in proxies.items():
                 if uid not in known:
                     info = proxy.info
-                    log.info("ztunnel.workload", uid=uid, namespace=info.namespace, name=info.name,
-                             service_account=info.service_account, netns_ino=proxy.netns[1])
+                    log.info(
+                        "ztunnel.workload",
+                        uid=uid,
+                        namespace=info.namespace,
+                        name=info.name,
+                        service_account=info.service_account,
+                        netns_ino=proxy.netns[1],
+                    )
                 intercepted: list[Any] = list(getattr(proxy.listeners, "intercepted", []))
-                for item in intercepted[seen.get(uid, 0):]:
+                for item in intercepted[seen.get(uid, 0) :]:
                     log.info("ztunnel.intercepted", uid=uid, pod=proxy.info.name, connection=repr(item))
                 seen[uid] = len(intercepted)
             known = set(proxies)

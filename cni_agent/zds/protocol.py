@@ -28,6 +28,11 @@ MAX_RECORD = 1024
 
 HELLO_V1 = 1
 
+MAX_NAME = 253
+"""Kubernetes limit for a pod name and a service account name (DNS subdomain)."""
+MAX_NAMESPACE = 63
+"""Kubernetes limit for a namespace name (DNS label)."""
+
 
 class ZdsError(Exception):
     """A ZDS request failed; `retryable` says whether trying again later can help.
@@ -83,16 +88,37 @@ Request = AddRequest | KeepRequest | DelRequest | SnapshotSentRequest
 
 def _check_uid(uid: str) -> None:
     if not uid:
-        raise ZdsError("refusing to send an empty uid (ztunnel would accept it as a real workload)",
-                       retryable=False)
+        raise ZdsError(
+            "refusing to send an empty uid (ztunnel would accept it as a real workload)", retryable=False
+        )
+
+
+def check_info(info: WorkloadInfo) -> None:
+    """Refuse names Kubernetes cannot produce, with an error naming the limit.
+
+    Why here and not only the 1024-byte record check: the limits below are what guarantee the record
+    fits (36-char uid + 253 + 63 + 253 = 621 bytes); a caller passing a longer name has a bug or bad
+    input, and "name is 300 characters, over the 253-character limit" says so better than a byte count.
+    """
+    for what, value, limit in (
+        ("pod name", info.name, MAX_NAME),
+        ("namespace", info.namespace, MAX_NAMESPACE),
+        ("service account", info.service_account, MAX_NAME),
+    ):
+        if len(value) > limit:
+            raise ZdsError(
+                f"{what} is {len(value)} characters, over the {limit}-character limit; refusing to send it",
+                retryable=False,
+            )
 
 
 def _check_size(payload: bytes, what: str) -> bytes:
     if not payload:
         raise ZdsError(f"refusing to send an empty record for {what} (reads as EOF)", retryable=False)
     if len(payload) > MAX_RECORD:
-        raise ZdsError(f"{what} encodes to {len(payload)} bytes, over the {MAX_RECORD}-byte ZDS limit",
-                       retryable=False)
+        raise ZdsError(
+            f"{what} encodes to {len(payload)} bytes, over the {MAX_RECORD}-byte ZDS limit", retryable=False
+        )
     return payload
 
 
@@ -103,6 +129,7 @@ def encode_request(req: Request) -> bytes:
         _check_uid(req.uid)
         if req.info is None:
             raise ZdsError("refusing to send an Add without workload_info (ztunnel exits)", retryable=False)
+        check_info(req.info)
         msg.add.uid = req.uid
         # Touch the sub-message so it is present even when every string is empty (`12 00`).
         msg.add.workload_info.SetInParent()
@@ -188,7 +215,7 @@ def _salvage_truncated_ack(data: bytes) -> str | None:
     inner = varint(outer[1] + 1)
     if inner is None:
         return None
-    return data[inner[1]:].decode("utf-8", errors="replace")
+    return data[inner[1] :].decode("utf-8", errors="replace")
 
 
 def decode_ack(data: bytes, *, truncated: bool = False) -> str:

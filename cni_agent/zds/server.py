@@ -4,6 +4,10 @@ The agent is the server and ztunnel the client (spec zds.md §8). This module ow
 protocol object cannot: the SOCK_SEQPACKET listener, per-connection tasks, SCM_RIGHTS, deadlines,
 accept rate limiting and keepalive probes. Every read and write on a connection happens while holding
 that connection's lock, so there is exactly one request outstanding and replies correlate by order.
+
+Overlapping connections (an upgrade): Add goes to the newest, Del to all. When the newest goes away
+while an older one is live (a rolled-back upgrade), the older one is sent Add for every cached pod,
+since Adds made meanwhile never reached it; for pods it already runs on that netns this is a no-op.
 """
 
 from __future__ import annotations
@@ -61,6 +65,21 @@ class _PeerGone(Exception):
     """The connection ended (EOF, EPIPE, ECONNRESET) before a reply: try another connection."""
 
 
+class _Skip(Exception):
+    """A resync entry became stale (the pod was added or removed since): do not send it."""
+
+
+class _PeerBroken(ZdsError):
+    """The peer broke the protocol (garbage, unsolicited fd); the connection has been dropped.
+
+    A subclass of ZdsError so that a single-connection caller sees a retryable error, while
+    `add_workload` can tell it apart from a timeout and fall back to an older connection at once.
+    """
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, retryable=True)
+
+
 class _Conn:
     """One accepted ztunnel connection: socket, protocol state, and the lock that serialises its I/O."""
 
@@ -72,6 +91,8 @@ class _Conn:
         self.last_io = now
         self.task: asyncio.Task[None] | None = None
         self.dropped = False
+        self.ready = asyncio.Event()
+        """Set once the snapshot is acked (or the connection is dropped): live requests queue behind it."""
         self._waiter: tuple[asyncio.Future[None], int, bool] | None = None
 
     async def _wait(self, writable: bool, timeout: float) -> None:
@@ -194,6 +215,9 @@ class ZdsServer:
         self._accept_task: asyncio.Task[None] | None = None
         self._conns: list[_Conn] = []  # oldest first
         self._next_id = 1
+        self._closing = False
+        self._resyncs: set[asyncio.Task[None]] = set()
+        self._resync_touched: list[set[str]] = []  # uids requested since each running resync began
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -223,6 +247,13 @@ class ZdsServer:
 
     async def close(self) -> None:
         """Stop accepting, drop every connection, remove our socket file (not a successor's)."""
+        self._closing = True
+        resyncs = list(self._resyncs)
+        for resync in resyncs:
+            resync.cancel()
+        for resync in resyncs:
+            with contextlib.suppress(asyncio.CancelledError):
+                await resync
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -248,31 +279,38 @@ class ZdsServer:
     # -- requests ------------------------------------------------------------------------------
 
     async def add_workload(self, uid: str, info: WorkloadInfo, netns_fd: int) -> None:
-        """Send Add(+fd) to the newest connection (older ones if it is gone) and wait for its ack.
+        """Send Add(+fd) to the newest connection and wait for its ack.
 
-        Raises ZdsError(retryable=True) for "no ztunnel connected", a nack ("got ack error: ..."),
-        or a timeout (that connection is then closed; ztunnel reconnects and gets a snapshot).
+        If that connection turns out to be gone (EOF, reset) or breaks the protocol, it is dropped and
+        the next-newest is tried. Raises ZdsError(retryable=True) for "no ztunnel connected", a nack
+        ("got ack error: <ztunnel's text>"), or a timeout (that connection is then closed; ztunnel
+        reconnects and gets a snapshot). Raises ZdsError(retryable=False) for input the protocol
+        cannot carry (empty uid, a name over its Kubernetes limit, a record over 1024 bytes, a closed fd).
         """
         encode_request(AddRequest(uid, info))  # refuse bad input before looking for a connection
+        self._touch(uid)
         try:
             fd = os.dup(netns_fd)
         except OSError as exc:
             msg = f"netns fd {netns_fd} for {uid} is not open: {exc.strerror}"
             raise ZdsError(msg, retryable=False) from exc
+        gone = ""
         try:
             for conn in reversed(list(self._conns)):
                 if conn.dropped:
                     continue
                 try:
                     error = await self._request(conn, functools.partial(conn.proto.send_add, uid, info, fd))
-                except _PeerGone as exc:
+                except (_PeerGone, _PeerBroken) as exc:
+                    # That ztunnel is gone (its successor gets a snapshot); the next-newest serves the pod.
                     log.info("zds.add_fallback", uid=uid, conn=conn.id, reason=str(exc))
+                    gone = f" (connection {conn.id} went away: {exc})"
                     continue
                 if error:
                     raise ZdsError(f"got ack error: {error}", retryable=True)
                 log.debug("zds.added", uid=uid, conn=conn.id)
                 return
-            raise ZdsError("no ztunnel connected", retryable=True)
+            raise ZdsError("no ztunnel connected" + gone, retryable=True)
         finally:
             os.close(fd)
 
@@ -280,6 +318,7 @@ class ZdsServer:
         """Send Del to every connection and aggregate; a connection that goes away counts as done
         (its successor gets a snapshot without the pod)."""
         encode_request(DelRequest(uid))
+        self._touch(uid)
         conns = [c for c in self._conns if not c.dropped]
         results = await asyncio.gather(*(self._del_one(c, uid) for c in conns), return_exceptions=True)
         failures: list[str] = []
@@ -296,13 +335,19 @@ class ZdsServer:
     async def _del_one(self, conn: _Conn, uid: str) -> None:
         try:
             error = await self._request(conn, functools.partial(conn.proto.send_del, uid))
-        except _PeerGone:
+        except (_PeerGone, _PeerBroken) as exc:
+            log.info("zds.del_conn_gone", uid=uid, conn=conn.id, reason=str(exc))
             return
         if error:
             raise ZdsError(f"got ack error: {error}", retryable=True)
 
     async def _request(self, conn: _Conn, make: Callable[[], Outgoing]) -> str:
-        """One lock-step exchange on `conn`; returns the ack's error text ("" = success)."""
+        """One lock-step exchange on `conn`; returns the ack's error text ("" = success).
+
+        Waits for the connection's snapshot first: a request that won the lock before the
+        connection's own task read the hello would otherwise hit a phase error.
+        """
+        await conn.ready.wait()
         async with conn.lock:
             if conn.dropped or conn.proto.closed:
                 raise _PeerGone("connection closed")
@@ -336,12 +381,14 @@ class ZdsServer:
         except OSError as exc:  # after TimeoutError, which is an OSError too
             self._drop(conn, f"read error: {exc}")
             raise ZdsError(f"reading ztunnel's ack of {what} failed: {exc}", retryable=True) from exc
+        if conn.dropped:  # closed locally (server closing) while the read was in flight
+            raise _PeerGone("connection closed locally")
         for event in conn.proto.receive(data, fds=nfds, truncated=truncated):
             if isinstance(event, Acked):
                 return event.error
             if isinstance(event, ProtocolError):
                 self._drop(conn, f"protocol error: {event.reason}")
-                raise ZdsError(f"protocol error from ztunnel: {event.reason}", retryable=True)
+                raise _PeerBroken(f"protocol error from ztunnel: {event.reason}")
             if isinstance(event, ConnectionClosed):
                 self._drop(conn, "EOF")
                 raise _PeerGone("EOF before ack")
@@ -378,6 +425,7 @@ class ZdsServer:
                 if not await self._hello(conn):
                     return
                 await self._send_snapshot(conn)
+            conn.ready.set()
             await self._keepalive(conn)
         except asyncio.CancelledError:
             raise
@@ -467,11 +515,74 @@ class ZdsServer:
                 if conn.proto.closed:
                     return
 
+    # -- promotion of the next-newest connection ----------------------------------------------------
+
+    def _touch(self, uid: str) -> None:
+        for touched in self._resync_touched:
+            touched.add(uid)
+
+    def _promote(self, conn: _Conn) -> None:
+        """The newest connection went away and `conn`, already past its snapshot, is newest again.
+
+        Adds made while a newer ztunnel was connected went only to that one (§8.7), so `conn` may be
+        missing pods (a rolled-back upgrade: the new ztunnel dies, the old one stays). Re-send Add for
+        every cached pod with a known netns; for pods `conn` already runs on that netns it is a no-op.
+        """
+        touched: set[str] = set()
+        self._resync_touched.append(touched)
+        task = asyncio.create_task(self._resync(conn, touched), name=f"zds-resync-{conn.id}")
+        self._resyncs.add(task)
+        task.add_done_callback(self._resyncs.discard)
+
+    async def _resync(self, conn: _Conn, touched: set[str]) -> None:
+        dups: list[tuple[str, WorkloadInfo, int]] = []
+        sent = nacks = 0
+        try:
+            # dup now: the cache may close a pod's fd while we work through the list
+            for entry in self._snapshot():
+                if entry.netns_fd is not None:
+                    with contextlib.suppress(OSError):
+                        dups.append((entry.uid, entry.info, os.dup(entry.netns_fd)))
+            for uid, info, fd in dups:
+                if conn.dropped or not self._conns or self._conns[-1] is not conn:
+                    break  # gone, or a newer ztunnel connected (it gets a full snapshot)
+
+                def make(uid: str = uid, info: WorkloadInfo = info, fd: int = fd) -> Outgoing:
+                    # checked under the connection lock: an add/del for this pod since the cache was
+                    # read is newer than our entry, and has already gone (or is going) to this ztunnel
+                    if uid in touched:
+                        raise _Skip(uid)
+                    return conn.proto.send_add(uid, info, fd)
+
+                try:
+                    error = await self._request(conn, make)
+                except _Skip:
+                    continue
+                except (_PeerGone, ZdsError) as exc:
+                    log.warning("zds.resync_aborted", conn=conn.id, uid=uid, error=str(exc))
+                    break
+                sent += 1
+                if error:
+                    nacks += 1
+                    log.warning("zds.resync_nack", conn=conn.id, uid=uid, error=error)
+            log.info("zds.resynced", conn=conn.id, adds=sent, nacks=nacks)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("zds.resync_crashed", conn=conn.id)
+        finally:
+            for _, _, fd in dups:
+                os.close(fd)
+            self._resync_touched.remove(touched)
+
     def _drop(self, conn: _Conn, reason: str) -> None:
-        """Close `conn` once; idempotent. Cancels its task unless called from it."""
+        """Close `conn` once; idempotent. Cancels its task unless called from it. If it was the newest
+        and an older connection is live, that one is brought up to date (`_promote`)."""
         if conn.dropped:
             return
+        was_newest = bool(self._conns) and self._conns[-1] is conn
         conn.dropped = True
+        conn.ready.set()
         conn.proto.close()
         conn.abort()
         with contextlib.suppress(ValueError):
@@ -480,6 +591,12 @@ class ZdsServer:
         if conn.task is not None and conn.task is not asyncio.current_task():
             conn.task.cancel()
         self._notify()
+        if was_newest and self._conns and not self._closing:
+            successor = self._conns[-1]
+            # not yet live: its own snapshot (read after its hello) will include everything
+            if successor.ready.is_set() and not successor.dropped:
+                log.info("zds.promote", conn=successor.id, dropped=conn.id)
+                self._promote(successor)
 
     def _notify(self) -> None:
         if self.on_change is not None:

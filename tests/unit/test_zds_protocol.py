@@ -94,10 +94,37 @@ def test_upper_bound_add_fits() -> None:
     assert len(wire) <= p.MAX_RECORD
 
 
-def test_oversize_refused() -> None:
-    with pytest.raises(ZdsError, match="1024") as err:
-        p.encode_request(AddRequest("u1", WorkloadInfo("n" * 1100, "ns", "sa")))
+def test_oversize_record_refused() -> None:
+    """Names within their limits but a uid so long the record passes 1024 bytes: refused, not sent."""
+    for req in (AddRequest("u" * 1100, INFO), DelRequest("u" * 1100), KeepRequest("u" * 1100)):
+        with pytest.raises(ZdsError, match="over the 1024-byte ZDS limit") as err:
+            p.encode_request(req)
+        assert not err.value.retryable
+    # the boundary: exactly 1024 bytes is allowed, 1025 is not (Del = 2 + 2 + len(uid) with 2-byte varints)
+    assert len(p.encode_request(DelRequest("u" * 1018))) == 1024
+    with pytest.raises(ZdsError, match="1025 bytes"):
+        p.encode_request(DelRequest("u" * 1019))
+
+
+@pytest.mark.parametrize(("field", "limit"), [("name", 253), ("namespace", 63), ("service_account", 253)])
+def test_name_limits(field: str, limit: int) -> None:
+    """A 253-character pod name (and the other Kubernetes maxima) fits; one more character is refused."""
+    base = {"name": "n", "namespace": "ns", "service_account": "sa"}
+    at_limit = WorkloadInfo(**{**base, field: "x" * limit})
+    wire = p.encode_request(AddRequest("u1", at_limit))
+    assert p.decode_request(wire) == AddRequest("u1", at_limit)
+    over = WorkloadInfo(**{**base, field: "x" * (limit + 1)})
+    with pytest.raises(ZdsError, match=f"{limit + 1} characters, over the {limit}-character limit") as err:
+        p.encode_request(AddRequest("u1", over))
     assert not err.value.retryable
+
+
+def test_empty_payload_is_never_produced() -> None:
+    """Every encodable request is non-empty (a 0-byte record reads as EOF on ztunnel's side)."""
+    empty_info = WorkloadInfo("", "", "")
+    for req in (SnapshotSentRequest(), DelRequest("u"), KeepRequest("u"), AddRequest("u", empty_info)):
+        assert len(p.encode_request(req)) >= 2
+    assert p.encode_ack("") != b""
 
 
 @pytest.mark.parametrize("req", [AddRequest("", INFO), KeepRequest(""), DelRequest("")])
@@ -136,11 +163,11 @@ def live(conn: ZdsConnection | None = None) -> ZdsConnection:
 
 def test_hello_then_snapshot_then_live() -> None:
     conn = ZdsConnection()
-    assert conn.phase is Phase.AWAIT_HELLO
+    assert conn.phase.value == "await-hello"
     with pytest.raises(ZdsError):
         conn.send_add("u1", INFO, 7)  # nothing before the hello
     conn.receive(h("08 01"))
-    assert conn.phase is Phase.SNAPSHOT
+    assert conn.phase.value == "snapshot"
     items = [SnapshotItem("a", INFO, 10), SnapshotItem("b", INFO, None)]
     first = conn.start_snapshot(items)
     assert first.request == AddRequest("a", INFO) and first.fd == 10 and first.with_fd
@@ -154,7 +181,7 @@ def test_hello_then_snapshot_then_live() -> None:
     assert conn.receive(h("0a 03 0a 01 78")) == [Acked(KeepRequest("b"), "x")]
     third = conn.next_outgoing()
     assert third is not None and third.request == SnapshotSentRequest() and third.fd is None
-    assert conn.phase is Phase.SNAPSHOT
+    assert conn.phase.value == "snapshot"
     conn.receive(OK)
     assert conn.phase is Phase.LIVE
     assert conn.next_outgoing() is None
