@@ -64,6 +64,15 @@ class NftRulesError(Exception):
     """An nft transaction or listing failed; carries nft's own error text."""
 
 
+def _prototype(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    """`lib.name` with its C prototype declared: ctypes would otherwise pass and return C ints,
+    truncating the context pointer on 64-bit."""
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+    return fn
+
+
 class _Libnftables:
     """libnftables' C API through ctypes, prototypes declared once per process.
 
@@ -77,33 +86,16 @@ class _Libnftables:
 
     def __init__(self) -> None:
         lib = ctypes.CDLL(_LIBNFTABLES)
-        self.ctx_new = lib.nft_ctx_new
-        self.ctx_new.restype = ctypes.c_void_p
-        self.ctx_new.argtypes = [ctypes.c_uint32]
-        self.ctx_free = lib.nft_ctx_free
-        self.ctx_free.restype = None
-        self.ctx_free.argtypes = [ctypes.c_void_p]
-        self.get_flags = lib.nft_ctx_output_get_flags
-        self.get_flags.restype = ctypes.c_uint
-        self.get_flags.argtypes = [ctypes.c_void_p]
-        self.set_flags = lib.nft_ctx_output_set_flags
-        self.set_flags.restype = None
-        self.set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        self.buffer_output = lib.nft_ctx_buffer_output
-        self.buffer_output.restype = ctypes.c_int
-        self.buffer_output.argtypes = [ctypes.c_void_p]
-        self.buffer_error = lib.nft_ctx_buffer_error
-        self.buffer_error.restype = ctypes.c_int
-        self.buffer_error.argtypes = [ctypes.c_void_p]
-        self.output = lib.nft_ctx_get_output_buffer
-        self.output.restype = ctypes.c_char_p
-        self.output.argtypes = [ctypes.c_void_p]
-        self.error = lib.nft_ctx_get_error_buffer
-        self.error.restype = ctypes.c_char_p
-        self.error.argtypes = [ctypes.c_void_p]
-        self.run = lib.nft_run_cmd_from_buffer
-        self.run.restype = ctypes.c_int
-        self.run.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        vp = ctypes.c_void_p
+        self.ctx_new = _prototype(lib, "nft_ctx_new", vp, ctypes.c_uint32)
+        self.ctx_free = _prototype(lib, "nft_ctx_free", None, vp)
+        self.get_flags = _prototype(lib, "nft_ctx_output_get_flags", ctypes.c_uint, vp)
+        self.set_flags = _prototype(lib, "nft_ctx_output_set_flags", None, vp, ctypes.c_uint)
+        self.buffer_output = _prototype(lib, "nft_ctx_buffer_output", ctypes.c_int, vp)
+        self.buffer_error = _prototype(lib, "nft_ctx_buffer_error", ctypes.c_int, vp)
+        self.output = _prototype(lib, "nft_ctx_get_output_buffer", ctypes.c_char_p, vp)
+        self.error = _prototype(lib, "nft_ctx_get_error_buffer", ctypes.c_char_p, vp)
+        self.run = _prototype(lib, "nft_run_cmd_from_buffer", ctypes.c_int, vp, ctypes.c_char_p)
 
     def new_ctx(self) -> int:
         """A context with buffered output/error and JSON output; bound to the calling thread's netns."""

@@ -37,7 +37,6 @@ from cni_agent.redirect.hostprobe import (
 from cni_agent.redirect.netns import NetnsWorker, current_netns_identity, netns_identity
 from cni_agent.redirect.rules import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6, RuleSettings
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.capture6 import CaptureListeners6
 from cni_agent.testing.netns import TestNetns
 
 pytestmark = pytest.mark.root
@@ -357,10 +356,8 @@ def _client(family: int) -> socket.socket:
     return s
 
 
-def _capture(family: int, pod_fd: int, worker: NetnsWorker) -> CaptureListeners | CaptureListeners6:
-    if family == 4:
-        return CaptureListeners(pod_fd, worker=worker)
-    return CaptureListeners6(pod_fd, worker=worker)
+def _capture(family: int, pod_fd: int, worker: NetnsWorker) -> CaptureListeners:
+    return CaptureListeners(pod_fd, worker=worker, families=(family,))
 
 
 @pytest.mark.parametrize("family", [4, 6])

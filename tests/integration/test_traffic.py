@@ -25,7 +25,6 @@ from cni_agent.redirect.dataplane import KernelDataplane
 from cni_agent.redirect.netns import NetnsWorker
 from cni_agent.redirect.rules import ZTUNNEL_MARK, RuleSettings
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.capture6 import CaptureListeners6
 from cni_agent.testing.dns import ANSWER_PREFIX, DnsListeners, tcp_exchange, udp_exchange
 from cni_agent.testing.netns import TestNetns
 
@@ -104,10 +103,8 @@ class Pair:
 
         return self.worker.call(fd, make)
 
-    def capture(self) -> CaptureListeners | CaptureListeners6:
-        if self.family == 4:
-            return CaptureListeners(self.pod_fd, worker=self.worker)
-        return CaptureListeners6(self.pod_fd, worker=self.worker)
+    def capture(self) -> CaptureListeners:
+        return CaptureListeners(self.pod_fd, worker=self.worker, families=(self.family,))
 
 
 @pytest.fixture(scope="module")
