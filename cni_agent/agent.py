@@ -208,21 +208,28 @@ class Agent:
     # ---- flows -------------------------------------------------------------------------------
 
     async def _add(self, pod: Pod) -> None:
-        """agent-behaviour.md §4: netns → routes+rules → ztunnel Add (ack) → persist."""
+        """agent-behaviour.md §4: netns → routes+rules → cache → ztunnel Add (ack) → probe set.
+
+        The pod enters the cache (which feeds every ztunnel snapshot) only once its rules are in
+        place, so no ztunnel ever gets an Add for a pod whose traffic is not yet redirected.
+        """
         fd = self._open_pod_netns(pod)
-        cached = self.cache.upsert(pod, fd)
-        assert cached.netns_fd is not None
-        st = self.status.setdefault(pod.uid, PodStatus())
-        st.enrolled = True
         try:
-            await self.dataplane.install(cached.netns_fd, self._rule_settings(pod))
+            await self.dataplane.install(fd, self._rule_settings(pod))
         except DataplaneError as exc:
-            self._forget(pod.uid)
+            os.close(fd)
             raise CniError(
                 CODE_INVALID_CONFIG,
                 f"pod {pod.ref}: installing redirect rules failed: {exc}",
                 "the pod was not enrolled; see the agent log",
             ) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        cached = self.cache.upsert(pod, fd)
+        assert cached.netns_fd is not None
+        st = self.status.setdefault(pod.uid, PodStatus())
+        st.enrolled = True
         st.rules = True
         self._persist()
         try:
@@ -257,7 +264,12 @@ class Agent:
         log.info("pod enrolled", pod=str(pod.ref), uid=pod.uid, netns=pod.netns_path, ips=list(pod.ips))
 
     async def _remove(self, uid: str, *, pod_deleted: bool) -> None:
-        """agent-behaviour.md §5. For a deleted pod the rules die with its netns, so only ztunnel is told."""
+        """agent-behaviour.md §5: probe set → in-pod rules (live pods only) → forget → ztunnel Del.
+
+        For a deleted pod the rules die with its netns. The pod leaves the cache *before* the Del
+        goes out, so a ztunnel that connects (or is resynced) meanwhile never gets it back in a
+        snapshot; the netns fd is kept until rule deletion is done.
+        """
         entry = self.cache.get(uid)
         if entry is None:
             log.debug("DEL for unknown pod", uid=uid)
@@ -268,6 +280,8 @@ class Agent:
                 log.warning("could not remove pod IP from the probe set", uid=uid, ip=ip, error=str(exc))
         if entry is not None and not pod_deleted and entry.netns_fd is not None:
             await self.dataplane.uninstall(entry.netns_fd)
+        if entry is not None:
+            self._forget(uid)
         try:
             await self.ztunnels.del_workload(uid)
         except ZdsError as exc:
@@ -277,7 +291,6 @@ class Agent:
                 error=str(exc),
             )
         if entry is not None:
-            self._forget(uid)
             log.info("pod removed", pod=str(entry.pod.ref), uid=uid)
 
     # ---- helpers -----------------------------------------------------------------------------

@@ -110,6 +110,13 @@ def check_info(info: WorkloadInfo) -> None:
                 f"{what} is {len(value)} characters, over the {limit}-character limit; refusing to send it",
                 retryable=False,
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # e.g. a lone surrogate from a JSON "\ud800" escape: protobuf could not encode it, and
+            # failing mid-snapshot would break every ztunnel connection, not just this pod
+            msg = f"{what} {value!r} is not valid UTF-8; refusing to send it"
+            raise ZdsError(msg, retryable=False) from None
 
 
 def _check_size(payload: bytes, what: str) -> bytes:

@@ -352,7 +352,14 @@ class ZdsServer:
             if conn.dropped or conn.proto.closed:
                 raise _PeerGone("connection closed")
             out = make()
-            return await self._exchange(conn, out)
+            try:
+                return await self._exchange(conn, out)
+            except asyncio.CancelledError:
+                # The request is on the wire (or half-written) and its ack will never be read here:
+                # the connection's lock-step state is unknowable. Close it; ztunnel reconnects and
+                # gets a full snapshot (zds.md §8.16), instead of every later request failing.
+                self._drop(conn, f"request cancelled ({_describe(out.request)})")
+                raise
 
     async def _exchange(self, conn: _Conn, out: Outgoing) -> str:
         """Write `out` and read its ack; caller holds conn.lock. Closes the connection on any failure."""
@@ -593,8 +600,10 @@ class ZdsServer:
         self._notify()
         if was_newest and self._conns and not self._closing:
             successor = self._conns[-1]
-            # not yet live: its own snapshot (read after its hello) will include everything
-            if successor.ready.is_set() and not successor.dropped:
+            # Even one still in its snapshot: that snapshot may have been read before pods that
+            # since went only to `conn`. _resync's requests wait for the snapshot to finish; Adds
+            # for pods it already runs on the same netns are no-ops in ztunnel.
+            if not successor.dropped:
                 log.info("zds.promote", conn=successor.id, dropped=conn.id)
                 self._promote(successor)
 

@@ -610,3 +610,87 @@ def test_name_of_253_fits_and_254_is_refused(sock_path: str, netns: Callable[[],
             await server.close()
 
     run(body)
+
+
+# ---- review regressions ---------------------------------------------------------------------------
+
+
+def test_cancelled_request_drops_the_connection_instead_of_wedging_it(
+    sock_path: str, netns: Callable[[], Netns]
+) -> None:
+    """A caller cancelled while waiting for an ack must not leave the connection with a request
+    outstanding forever (every later Add/Del would fail); the connection is closed and ztunnel
+    reconnects into a full snapshot."""
+    a, b = netns(), netns()
+    cache = Cache()
+
+    async def body() -> None:
+        server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01)
+        await server.start_accepting()
+        fake = peer(sock_path)
+        fake.start()
+        try:
+            await settle(fake, cache)
+            fake.auto_ack = False
+            cache.put("a", a.fd)
+            task = asyncio.create_task(server.add_workload("a", info("a"), a.fd))
+            await eventually(lambda: any(isinstance(r, AddRequest) for r in fake.requests))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            fake.auto_ack = True
+            # the next Add succeeds (on the reconnected peer), and the peer runs both pods
+            cache.put("b", b.fd)
+            await eventually(lambda: server.connected == 1 and fake.snapshots >= 2)
+            await server.add_workload("b", info("b"), b.fd)
+            await settle(fake, cache)
+        finally:
+            await asyncio.to_thread(fake.stop)
+            await server.close()
+
+    run(body)
+
+
+def test_older_peer_still_in_its_snapshot_is_caught_up_when_the_newest_dies(
+    sock_path: str, netns: Callable[[], Netns]
+) -> None:
+    """Old ztunnel's snapshot was read before pod P existed; P's Add went to the newest ztunnel,
+    which then died while the old one was still acking its snapshot: the old one must get P."""
+    import threading
+
+    a, pod = netns(), netns()
+    cache = Cache()
+    cache.put("a", a.fd)
+    release = threading.Event()
+
+    def hold_snapshot(req: p.Request) -> bytes | None:
+        release.wait(3)  # the old ztunnel is slow to ack its snapshot's first Add
+        return None  # then process and ack normally
+
+    async def body() -> None:
+        server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01, keepalive_idle=0.1)
+        await server.start_accepting()
+        old = peer(sock_path, raw_reply=hold_snapshot)  # connects first, acks its snapshot slowly
+        newest = peer(sock_path)
+        old.start()
+        try:
+            await eventually(lambda: any(isinstance(r, AddRequest) for r in old.requests))
+            newest.start()
+            await settle(newest, cache)
+            assert server.connected == 2
+            # P arrives while `old` is still in its snapshot (read before P existed): P goes to the
+            # newest connection only
+            cache.put("p", pod.fd)
+            await server.add_workload("p", info("p"), pod.fd)
+            await asyncio.to_thread(newest.stop)
+            await eventually(lambda: server.connected == 1)
+            release.set()
+            await settle(old, cache)
+            assert set(running(old)) == {"a", "p"}
+        finally:
+            release.set()
+            await asyncio.to_thread(newest.stop)
+            await asyncio.to_thread(old.stop)
+            await server.close()
+
+    run(body)

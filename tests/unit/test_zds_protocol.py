@@ -302,3 +302,12 @@ def test_truncated_ack_becomes_nack() -> None:
     cut = p.encode_ack("failure to read message : " + "y" * 200)[:64]
     [ev] = conn.receive(cut, truncated=True)
     assert isinstance(ev, Acked) and not ev.ok and ev.error.startswith("failure to read message")
+
+
+def test_name_that_is_not_utf8_is_refused_not_crashing() -> None:
+    """A lone surrogate (JSON "\\ud800") must be a clean, non-retryable refusal, never an exception
+    that escapes the snapshot loop and breaks every ztunnel connection."""
+    bad = WorkloadInfo("web-\ud800", "demo", "sa")
+    with pytest.raises(ZdsError, match="not valid UTF-8") as err:
+        p.encode_request(AddRequest("u1", bad))
+    assert not err.value.retryable
