@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -40,6 +42,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise ConfigError(
             "--pod-source kubernetes is not available yet in this build; use --pod-source local"
         )
+    if settings.ipv6 and not os.path.exists("/proc/sys/net/ipv6"):
+        log.warning("the kernel has no IPv6: programming IPv4 rules only", flag="--ipv6")
+        settings = dataclasses.replace(settings, ipv6=False)
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         backend = await asyncio.to_thread(select_backend, settings.run_dir, settings.rules_backend)

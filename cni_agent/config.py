@@ -59,7 +59,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("--node-name", "", "this node's name (default: $NODE_NAME)"),
     Option("--log-level", "info", "log level", LOG_LEVELS),
     Option("--dns-capture", "true", "capture DNS to ztunnel by default (pods may override)"),
-    Option("--ipv6", "false", "also program IPv6 rules"),
+    Option("--ipv6", "true", "also program IPv6 rules (skipped with a warning if the kernel has no IPv6)"),
     Option(
         "--netns-host-prefix",
         "",
@@ -86,7 +86,7 @@ class Settings:
     node_name: str = ""
     log_level: str = "info"
     dns_capture: bool = True
-    ipv6: bool = False
+    ipv6: bool = True
     netns_host_prefix: str = ""
     host_probe: bool = True
 

@@ -20,6 +20,11 @@ from cni_agent.testing.agentproc import AgentProcess
 from cni_agent.testing.node import LocalNode, NodePod
 from cni_agent.testing.ztunnel import FakeZtunnel
 
+# Our rules in a pod with the default settings (IPv4 + IPv6, DNS capture on), as istio_rules() counts them:
+# iptables: Block A (18 rules incl. jumps) in iptables plus its IPv6 twin in ip6tables;
+# nft: Block F/G in inet tables: nat 2 jumps + 14, mangle 2 + 2, raw 2 + 2.
+EXPECTED_RULES = {"iptables-legacy": 36, "nftables": 24}
+
 
 def wait_for(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> bool:
     """Poll `pred` until true or `timeout`; returns its last value (callers assert with context)."""
@@ -118,9 +123,14 @@ class LocalEnv:
                 if rule and str(rule.get("table", "")).startswith("istio-ambient-"):
                     lines.append(f"{rule['table']} {rule['chain']}: {json.dumps(rule['expr'])}")
             return lines
-        for table in ("mangle", "nat", "raw"):
-            out = self.node.exec(pod.netns_name, ["iptables-legacy-save", "-t", table]).stdout
-            lines += [f"{table}: {ln}" for ln in out.splitlines() if ln.startswith("-A") and "ISTIO_" in ln]
+        for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            for table in ("mangle", "nat", "raw"):
+                out = self.node.exec(pod.netns_name, [save, "-t", table]).stdout
+                lines += [
+                    f"{save} {table}: {ln}"
+                    for ln in out.splitlines()
+                    if ln.startswith("-A") and "ISTIO_" in ln
+                ]
         return lines
 
     def break_rules(self, pod: NodePod) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cni_agent.testing.localenv import LocalEnv, wait_for
+from cni_agent.testing.localenv import EXPECTED_RULES, LocalEnv, wait_for
 from cni_agent.testing.node import NodePod
 
 pytestmark = pytest.mark.root
@@ -240,4 +240,4 @@ def test_uninstall_removes_host_probe_rules_but_not_pod_rules(env: LocalEnv) -> 
     assert res.returncode == 0, res.stderr
     state = host_state()
     assert "istio-inpod-probes" not in state and "ISTIO_POSTRT" not in state, state
-    assert len(env.istio_rules(pod)) == 18  # running pods keep their redirection
+    assert len(env.istio_rules(pod)) == EXPECTED_RULES[env.backend]  # running pods keep their redirection

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from cni_agent.testing.cniexec import CniExecError, CniRunner
+from cni_agent.testing.localenv import EXPECTED_RULES
 from cni_agent.testing.localenv import LocalEnv as Env
 from cni_agent.testing.localenv import wait_for as wait
 
@@ -27,10 +28,12 @@ def test_add_installs_rules_and_acks_before_returning(env: Env) -> None:
     assert pod.uid in env.ztunnel.running, env.agent.log()
     assert pod.ip and pod.result["ips"][0]["address"].startswith(pod.ip)
     rules = env.istio_rules(pod)
-    # Block A / F: 2 mangle jumps + 2 mangle rules, 2 nat jumps + 8 nat rules, 2 raw jumps + 2 raw rules
-    assert len(rules) == 18, rules
+    assert len(rules) == EXPECTED_RULES[env.backend], rules
     ip_rule = env.node.exec(pod.netns_name, ["ip", "rule", "show"]).stdout
     assert "fwmark 0x111/0xfff lookup 100" in ip_rule
+    assert (
+        "fwmark 0x111/0xfff lookup 100" in env.node.exec(pod.netns_name, ["ip", "-6", "rule", "show"]).stdout
+    )
     route = env.node.exec(pod.netns_name, ["ip", "route", "show", "table", "100"]).stdout
     assert "local default dev lo" in route
     info = env.ztunnel.running[pod.uid].info
