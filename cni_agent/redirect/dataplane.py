@@ -17,13 +17,12 @@ iptables-backend pod's budget after the rules themselves).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from pyroute2 import NetlinkError
 
-from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, iptc_session
+from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, iptc_session, legacy_tables_present
 from cni_agent.redirect.netns import NetnsError, NetnsWorker, netns_identity
 from cni_agent.redirect.nft import NftablesBackend, NftRulesError
 from cni_agent.redirect.routes import RoutesError, apply_routes, remove_routes, routes_present
@@ -80,22 +79,8 @@ def make_backend(name: str) -> RulesBackend:
 
 
 def _legacy_tables_present() -> bool:
-    """Any legacy x_tables table in the current thread's netns (thread-self: setns is per thread).
-
-    Raw os.open/os.read: this runs for every nft-backend pod, and the buffered text `open()` doubled
-    its ~0.03 ms.
-    """
-    for name in ("ip_tables_names", "ip6_tables_names"):
-        try:
-            fd = os.open(f"/proc/thread-self/net/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            if os.read(fd, 256).strip():
-                return True
-        finally:
-            os.close(fd)
-    return False
+    """Any legacy x_tables table (either family) in the current thread's netns."""
+    return legacy_tables_present(4) or legacy_tables_present(6)
 
 
 def _nft_tables_present() -> bool:
@@ -134,18 +119,32 @@ def _other_present(backend_name: str) -> bool:
     return False
 
 
+def remove_ipv6_leftovers(backend: RulesBackend) -> None:
+    """IPv6 is off: drop the IPv6 rules of ours left from a time it was on (verify requires that).
+
+    Only the iptables backend keeps per-family state; the nft apply rewrites the whole `inet`
+    tables, and the other backend's leftovers of both families are `clean_other_backend`'s job.
+    Costs one /proc read when the pod has no IPv6 legacy table (the common case).
+    """
+    if backend.name == IptablesLegacyBackend.name:
+        backend.remove((6,))
+
+
 def install_steps(backend: RulesBackend, rulesets: Sequence[RuleSet],
                   ipv6: bool) -> tuple[tuple[str, Callable[[], None]], ...]:
     """The per-pod install as named steps, in order (spec §6: routes before rules), for the worker.
 
     `KernelDataplane.install` runs exactly these; the benchmark times them one by one, so what it
-    reports is what a pod costs.
+    reports is what a pod costs. With IPv6 off, `apply_routes` also deletes our IPv6 rule/route.
     """
-    return (
+    steps: tuple[tuple[str, Callable[[], None]], ...] = (
         ("routes", lambda: apply_routes(ipv6)),
         ("rules", lambda: backend.apply(rulesets)),
         ("clean other backend", lambda: clean_other_backend(backend.name)),
     )
+    if not ipv6:
+        steps += (("remove IPv6 leftovers", lambda: remove_ipv6_leftovers(backend)),)
+    return steps
 
 
 class KernelDataplane:
@@ -178,17 +177,19 @@ class KernelDataplane:
         await self._run(netns_fd, work)
 
     async def uninstall(self, netns_fd: int) -> None:
-        families = self._families()
-        ipv6 = self._ipv6
+        """Spec §8, for BOTH families whatever the IPv6 setting: the pod may have been enrolled while
+        IPv6 was on, and leftover IPv6 redirects would break the un-enrolled pod's IPv6 traffic."""
 
         def work() -> None:
-            _step("remove rules", lambda: self._backend.remove(families))
+            _step("remove rules", lambda: self._backend.remove((4, 6)))
             _step("remove other backend's rules", lambda: clean_other_backend(self._backend.name))
-            _step("remove routes", lambda: remove_routes(ipv6))
+            _step("remove routes", remove_routes)
 
         await self._run(netns_fd, work)
 
     async def verify(self, netns_fd: int, settings: RuleSettings) -> bool:
+        """Exactly our state; with IPv6 off that includes no IPv6 rule, route or chain of ours
+        (`routes_present` and the backend's `matches` check those)."""
         rulesets = self.rulesets(settings)
         ipv6 = self._ipv6
 

@@ -40,7 +40,7 @@ import structlog
 from pyroute2 import NetlinkError
 from pyroute2.ipset import IPSet
 
-from cni_agent.redirect.iptc import RulesError, build_iptc_rule, iptc_session
+from cni_agent.redirect.iptc import RulesError, build_iptc_rule, iptc_session, legacy_tables_present
 from cni_agent.redirect.rules import (
     HOST_CHAIN_POSTRT,
     NFT_TABLE_NAT,
@@ -507,6 +507,13 @@ class IptablesHostProbe(_ProbeBase):
                                          f"{'inet' if family == 4 else 'inet6'} comment: {exc}; "
                                          "an existing set of another type must be removed by hand") from exc
         chain_name = self.config.chain
+        for family in (4, 6):
+            if family not in self.config.families():
+                # Startup deletes old host rules (spec §9): a v6 rule from a run with IPv6 on goes.
+                try:
+                    self._remove_rules(family)
+                except HostProbeError as exc:
+                    log.warning("could not remove old host probe rule", family=family, error=str(exc))
         for family in self.config.families():
             try:
                 with iptc_session(family) as tables:
@@ -538,23 +545,31 @@ class IptablesHostProbe(_ProbeBase):
                     changed = True
         return changed
 
-    def _k_uninstall(self) -> None:
+    def _remove_rules(self, family: int) -> None:
+        """Drop our POSTROUTING jump and chain for one family; a missing table or chain is fine."""
         chain_name = self.config.chain
-        for family in self.config.families():
-            try:
-                with iptc_session(family) as tables:
-                    nat = tables.get("nat")
-                    if nat is None:
-                        continue
-                    changed = self._drop_jumps(nat, chain_name)
-                    if nat.is_chain(chain_name):
-                        nat.flush_entries(chain_name)
-                        nat.delete_chain(chain_name)
-                        changed = True
-                    if changed:
-                        nat.commit()
-            except (RulesError, iptc.IPTCError, iptc.XTablesError) as exc:
-                raise HostProbeError(f"IPv{family} host probe rule removal: {exc}") from exc
+        if not legacy_tables_present(family):
+            return  # no table at all, so nothing of ours; opening one would create it
+        try:
+            with iptc_session(family) as tables:
+                nat = tables.get("nat")
+                if nat is None:
+                    return
+                changed = self._drop_jumps(nat, chain_name)
+                if nat.is_chain(chain_name):
+                    nat.flush_entries(chain_name)
+                    nat.delete_chain(chain_name)
+                    changed = True
+                if changed:
+                    nat.commit()
+        except (RulesError, iptc.IPTCError, iptc.XTablesError) as exc:
+            raise HostProbeError(f"IPv{family} host probe rule removal: {exc}") from exc
+
+    def _k_uninstall(self) -> None:
+        # Both families whatever `ipv6` says now: an agent that ran with IPv6 on left a v6 rule that
+        # references the v6 set, which could then not be destroyed.
+        for family in (4, 6):
+            self._remove_rules(family)
         with self._ipset() as ips:
             for family in (4, 6):
                 name = self.config.set_name(family)

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.rtnl import RTM_DELROUTE, RTM_DELRULE, RTM_NEWROUTE, RTM_NEWRULE
 from pyroute2.netlink.rtnl.fibmsg import FR_ACT_TO_TBL, fibmsg
@@ -52,6 +52,8 @@ _RECV_BUFFER = 65536
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NLMSGERR_CODE = struct.Struct("=i")
 _GONE = frozenset({errno.ENOENT, errno.ESRCH})
+_GONE_V6 = _GONE | {errno.EAFNOSUPPORT}
+"""Deleting IPv6 state on a kernel without IPv6 (ipv6.disable=1): there is nothing to delete."""
 
 
 class RoutesError(Exception):
@@ -148,7 +150,12 @@ def _fam(family: int) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _apply_requests(ipv6: bool, v6_route: bool, lo: int) -> tuple[_Request, ...]:
-    """Routes first, then rules (spec §6 order); the v6 rule regardless of lo (spec §6.2)."""
+    """Routes first, then rules (spec §6 order); the v6 rule regardless of lo (spec §6.2).
+
+    With IPv6 off, the same datagram also deletes our IPv6 rule and route: a pod enrolled while IPv6
+    was on must not keep them (verify checks their absence). Not-found is success, so on a pod that
+    never had them this costs two acks in the same round trip.
+    """
     replace = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
     add = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
     out: list[_Request] = []
@@ -162,18 +169,27 @@ def _apply_requests(ipv6: bool, v6_route: bool, lo: int) -> tuple[_Request, ...]
         out.append(_Request(_rule_msg(family, RTM_NEWRULE, add, len(out) + 1),
                             f"ip {_fam(family)}rule add fwmark {CONNMARK:#x}/{MARK_MASK:#x} pref "
                             f"{RULE_PRIORITY} lookup {ROUTE_TABLE}", frozenset({errno.EEXIST})))
+    if not ipv6:
+        out.extend(_delete_requests(socket.AF_INET6, lo, len(out)))
     return tuple(out)
+
+
+def _delete_requests(family: int, lo: int, before: int) -> list[_Request]:
+    """Rule then route delete for one family; `before` requests precede them in the datagram."""
+    ok = _GONE_V6 if family == socket.AF_INET6 else _GONE
+    return [
+        _Request(_rule_msg(family, RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, before + 1),
+                 f"ip {_fam(family)}rule del pref {RULE_PRIORITY}", ok),
+        _Request(_route_msg(family, lo, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, before + 2),
+                 f"ip {_fam(family)}route del local {_default(family)} table {ROUTE_TABLE}", ok),
+    ]
 
 
 @functools.lru_cache(maxsize=16)
 def _remove_requests(ipv6: bool, lo: int) -> tuple[_Request, ...]:
     out: list[_Request] = []
     for family in _families(ipv6):
-        out.append(_Request(_rule_msg(family, RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, len(out) + 1),
-                            f"ip {_fam(family)}rule del pref {RULE_PRIORITY}", _GONE))
-        out.append(_Request(_route_msg(family, lo, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, len(out) + 1),
-                            f"ip {_fam(family)}route del local {_default(family)} table {ROUTE_TABLE}",
-                            _GONE))
+        out.extend(_delete_requests(family, lo, len(out)))
     return tuple(out)
 
 
@@ -224,33 +240,49 @@ def _transact(requests: tuple[_Request, ...]) -> None:
 
 
 def apply_routes(ipv6: bool) -> None:
-    """Local default route in table 100 and the fwmark rule; re-applying is a no-op."""
+    """Local default route in table 100 and the fwmark rule; re-applying is a no-op.
+
+    With IPv6 off, our IPv6 rule and route (left from a time IPv6 was on) are deleted too.
+    """
     _transact(_apply_requests(ipv6, ipv6 and lo_has_ipv6(), _lo_index()))
 
 
-def remove_routes(ipv6: bool) -> None:
-    """Delete the rule(s) and route(s); absent ones count as deleted."""
-    _transact(_remove_requests(ipv6, _lo_index()))
+def remove_routes() -> None:
+    """Delete the rule(s) and route(s) of BOTH families; absent ones count as deleted.
+
+    Both whatever the IPv6 setting: the pod may have been enrolled while IPv6 was on.
+    """
+    _transact(_remove_requests(True, _lo_index()))
+
+
+def _ours(ipr: IPRoute, family: int) -> tuple[bool, bool]:
+    """(our fwmark rule exists, our local default route in table 100 exists) for one family."""
+    rule = any(
+        r.get("priority") == RULE_PRIORITY and r.get("fwmark") == CONNMARK
+        and r.get("fwmask") == MARK_MASK and r.get("table") == ROUTE_TABLE
+        for r in ipr.get_rules(family=family)
+    )
+    route = any(
+        r["type"] == _RTN_LOCAL and r["dst_len"] == 0
+        for r in ipr.get_routes(family=family, table=ROUTE_TABLE)
+    )
+    return rule, route
 
 
 def routes_present(ipv6: bool) -> bool:
-    """True when the rule(s) and the local route(s) that `apply_routes` would create all exist."""
+    """True when the state is what `apply_routes(ipv6)` makes: its rule(s) and local route(s) exist,
+    and with IPv6 off, neither our IPv6 rule nor our IPv6 route does."""
     v6_route = ipv6 and lo_has_ipv6()
     with IPRoute() as ipr:
-        for family in _families(ipv6):
-            rules = [
-                r for r in ipr.get_rules(family=family)
-                if r.get("priority") == RULE_PRIORITY and r.get("fwmark") == CONNMARK
-                and r.get("fwmask") == MARK_MASK and r.get("table") == ROUTE_TABLE
-            ]
-            if not rules:
-                return False
-            if family == socket.AF_INET6 and not v6_route:
-                continue
-            routes = [
-                r for r in ipr.get_routes(family=family, table=ROUTE_TABLE)
-                if r["type"] == 2 and r["dst_len"] == 0  # RTN_LOCAL default
-            ]
-            if not routes:
-                return False
-    return True
+        rule4, route4 = _ours(ipr, socket.AF_INET)
+        if not (rule4 and route4):
+            return False
+        try:
+            rule6, route6 = _ours(ipr, socket.AF_INET6)
+        except NetlinkError as exc:  # a kernel without IPv6 has none of ours
+            if ipv6 or exc.code != errno.EAFNOSUPPORT:
+                raise
+            return True
+    if ipv6:
+        return rule6 and (route6 or not v6_route)
+    return not (rule6 or route6)

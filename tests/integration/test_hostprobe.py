@@ -275,6 +275,40 @@ def test_nft_discovers_kubelet_uid_from_proc(fake_host: tuple[TestNetns, NetnsWo
     p.uninstall()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipv6_switched_off_install_and_uninstall_remove_the_v6_rule(
+    backend: str, fake_host: tuple[TestNetns, NetnsWorker]
+) -> None:
+    """An agent that ran with IPv6 on, restarted with it off: startup drops the old v6 rule, and
+    uninstall removes every rule (the v6 one references the v6 set, which must then be destroyed)."""
+    host, worker = fake_host
+
+    def v6_rule() -> bool:
+        if backend == BACKEND_IPTABLES:
+            return "istio-inpod-probes-v6" in nat_save(host, 6)
+        return "@istio-inpod-probes-v6" in nft_table(host)
+
+    p6, p4 = probe(backend, worker, ipv6=True), probe(backend, worker, ipv6=False)
+    p6.install()
+    p6.upsert("fd00:ac::1", "uid-b")
+    assert v6_rule()  # not vacuous
+    p4.install()
+    assert not v6_rule()
+    v4_rule = nat_save(host, 4) if backend == BACKEND_IPTABLES else nft_table(host)
+    assert "istio-inpod-probes-v4" in v4_rule
+
+    p6.install()
+    assert v6_rule()
+    p4.uninstall()
+    if backend == BACKEND_IPTABLES:
+        for family in (4, 6):
+            assert "ISTIO_POSTRT" not in nat_save(host, family)
+        assert host.exec(["ipset", "list", "-n"], check=True).stdout.split() == []
+    else:
+        assert nft_table(host) == ""
+    p4.uninstall()  # idempotent
+
+
 # --- set semantics ---------------------------------------------------------------------------------
 
 

@@ -15,11 +15,12 @@ import subprocess
 import threading
 from collections.abc import Iterator
 
+import iptc
 import pytest
 
 from cni_agent.redirect import routes
 from cni_agent.redirect.dataplane import KernelDataplane
-from cni_agent.redirect.iptc import IptablesLegacyBackend, wanted_rule
+from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, wanted_rule
 from cni_agent.redirect.netns import (
     NetnsError,
     NetnsWorker,
@@ -292,8 +293,100 @@ def test_v6_rule_without_lo_ipv6(worker: NetnsWorker, ns_factory: list[TestNetns
     assert ns.exec(["ip", "-6", "route", "show", "table", "100"]).stdout.strip() == ""
     assert "local default dev lo" in ns.exec(["ip", "route", "show", "table", "100"], check=True).stdout
     assert worker.call(fd, lambda: routes.routes_present(True)) is True
-    worker.call(fd, lambda: routes.remove_routes(True))
+    worker.call(fd, lambda: routes.remove_routes())
     assert worker.call(fd, lambda: routes.routes_present(True)) is False
+
+
+def _v6_leftovers(ns: TestNetns) -> dict[str, bool]:
+    """Which of our IPv6 pieces are in `ns`, read with the stock tools."""
+    return {
+        "chains": any("ISTIO" in save(ns, t, 6) for t in TABLES),
+        "rule": "32764:" in ns.exec(["ip", "-6", "rule"], check=True).stdout,
+        "route": "local default dev lo" in ns.exec(["ip", "-6", "route", "show", "table", "100"]).stdout,
+    }
+
+
+def test_ipv6_off_uninstall_verify_and_install_cover_ipv6_leftovers(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    """A pod enrolled while IPv6 was on, handled by an agent with IPv6 off (spec §8: deletion is
+    idempotent and complete): uninstall removes the IPv6 chains, rule and route too, verify
+    reports them as drift, and a re-install removes them."""
+    settings = RuleSettings()
+    dp6 = KernelDataplane(worker, ipv6=True)
+    dp4 = KernelDataplane(worker, ipv6=False)
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    asyncio.run(dp6.install(fd, settings))
+    assert _v6_leftovers(ns) == {"chains": True, "rule": True, "route": True}  # not vacuous
+    assert asyncio.run(dp4.verify(fd, settings)) is False
+
+    asyncio.run(dp4.uninstall(fd))
+    assert _v6_leftovers(ns) == {"chains": False, "rule": False, "route": False}
+    assert not any("ISTIO" in save(ns, t, 4) for t in TABLES)
+    asyncio.run(dp4.uninstall(fd))  # idempotent
+
+    asyncio.run(dp6.install(fd, settings))
+    asyncio.run(dp4.install(fd, settings))
+    assert _v6_leftovers(ns) == {"chains": False, "rule": False, "route": False}
+    assert "ISTIO_OUTPUT" in save(ns, "nat", 4)
+    assert asyncio.run(dp4.verify(fd, settings)) is True
+
+    # Each leftover alone is drift: the rules (via `matches`) and the ip rule (via `routes_present`).
+    restore(ns, build_ruleset(settings, 6))
+    assert asyncio.run(dp4.verify(fd, settings)) is False
+    asyncio.run(dp4.install(fd, settings))
+    assert asyncio.run(dp4.verify(fd, settings)) is True
+    ns.exec(["ip", "-6", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"],
+            check=True)
+    assert asyncio.run(dp4.verify(fd, settings)) is False
+    asyncio.run(dp4.install(fd, settings))
+    assert asyncio.run(dp4.verify(fd, settings)) is True
+    asyncio.run(dp4.uninstall(fd))
+
+
+def test_variant_switch_with_a_foreign_jump_to_a_dropped_chain(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    """DNS capture off drops raw ISTIO_OUTPUT, but a foreign chain still jumps to it: the foreign
+    rule is left alone, our chain stays empty, and the switch completes in every table."""
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    dp = KernelDataplane(worker)
+    asyncio.run(dp.install(fd, RuleSettings(dns_capture=True)))
+    ns.exec(["iptables-legacy", "-t", "raw", "-N", "FOO"], check=True)
+    ns.exec(["iptables-legacy", "-t", "raw", "-A", "FOO", "-j", "ISTIO_OUTPUT"], check=True)
+    dns_off = RuleSettings(dns_capture=False)
+    asyncio.run(dp.install(fd, dns_off))
+    assert "15053" not in save(ns, "nat")
+    raw = save(ns, "raw")
+    assert "-A FOO -j ISTIO_OUTPUT" in raw
+    assert "-A ISTIO_OUTPUT" not in raw and "-j ISTIO_PRERT" not in raw and "OUTPUT -j ISTIO" not in raw
+    assert asyncio.run(dp.verify(fd, dns_off)) is True
+    asyncio.run(dp.install(fd, dns_off))  # again: still fine
+    ns.exec(["iptables-legacy", "-t", "raw", "-A", "ISTIO_OUTPUT", "-j", "ACCEPT"], check=True)
+    assert asyncio.run(dp.verify(fd, dns_off)) is False  # a rule in the left-over chain is drift
+
+
+class _FailsOnRaw(IptablesLegacyBackend):
+    """Planning the raw table fails (as an undeletable chain did): nothing may be committed."""
+
+    def _sync_table(self, table: object, rs: RuleSet, tname: str) -> bool:
+        changed = super()._sync_table(table, rs, tname)
+        if tname == "raw":
+            raise iptc.IPTCError("planning failed")
+        return changed
+
+
+def test_failed_planning_commits_no_table(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+    ns = new_ns(ns_factory)
+    apply(worker, ns, build_ruleset(RuleSettings(dns_capture=True), 4))
+    before = {t: save(ns, t) for t in TABLES}
+    dns_off = build_ruleset(RuleSettings(dns_capture=False), 4)
+    with pytest.raises(RulesError, match="raw"):
+        worker.call(ns.open(), lambda: _FailsOnRaw().apply([dns_off]))
+    assert {t: save(ns, t) for t in TABLES} == before
+    assert "15053" in before["nat"]  # not vacuous: the new variant would have dropped it
 
 
 def test_cached_rules_outlive_the_netns_they_were_built_in(

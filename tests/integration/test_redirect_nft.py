@@ -339,6 +339,37 @@ def test_dataplane_nft_install_verify_uninstall(worker: NetnsWorker, ns_factory:
     assert "32764" not in ns.exec(["ip", "rule"], check=True).stdout
 
 
+def test_nft_dataplane_with_ipv6_off_covers_ipv6_leftovers(
+    worker: NetnsWorker, ns_factory: list[TestNetns]
+) -> None:
+    """A pod enrolled with IPv6 on, handled with IPv6 off: uninstall deletes the IPv6 ip rule and
+    route too, verify sees them as drift, and install removes them (and the ip6 nft rules)."""
+    ns = new_ns(ns_factory)
+    fd = ns.open()
+    dp6 = KernelDataplane(worker, backend="nftables", ipv6=True)
+    dp4 = KernelDataplane(worker, backend="nftables", ipv6=False)
+    s = RuleSettings()
+
+    def v6_state() -> tuple[bool, bool, bool]:
+        return ("32764:" in ns.exec(["ip", "-6", "rule"], check=True).stdout,
+                "local default" in ns.exec(["ip", "-6", "route", "show", "table", "100"]).stdout,
+                "ip6 daddr" in ns.exec(["nft", "list", "ruleset"], check=True).stdout)
+
+    asyncio.run(dp6.install(fd, s))
+    assert v6_state() == (True, True, True)
+    assert asyncio.run(dp4.verify(fd, s)) is False
+    asyncio.run(dp4.uninstall(fd))
+    assert v6_state() == (False, False, False)
+    assert ns.exec(["nft", "list", "ruleset"], check=True).stdout.strip() == ""
+
+    asyncio.run(dp6.install(fd, s))
+    asyncio.run(dp4.install(fd, s))
+    assert v6_state() == (False, False, False)
+    assert asyncio.run(dp4.verify(fd, s)) is True
+    assert legacy_save(ns, 6) == ""  # the IPv6 cleanup did not instantiate legacy tables
+    asyncio.run(dp4.uninstall(fd))
+
+
 def test_migration_between_backends(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
     ns = new_ns(ns_factory)
     fd = ns.open()

@@ -67,7 +67,25 @@ def test_v6_rule_is_added_even_without_a_v6_route() -> None:
     kinds = [(HDR.unpack_from(r.data)[1], r.data[16]) for r in routes._apply_requests(True, False, 1)]
     assert kinds == [(RTM_NEWROUTE, socket.AF_INET), (RTM_NEWRULE, socket.AF_INET),
                      (RTM_NEWRULE, socket.AF_INET6)]
-    assert len(routes._apply_requests(False, False, 1)) == 2
+
+
+
+def test_apply_without_ipv6_deletes_our_ipv6_rule_and_route() -> None:
+    """IPv6 off: the same datagram deletes IPv6 leftovers; absent (or no IPv6 at all) is success."""
+    reqs = routes._apply_requests(False, False, 1)
+    kinds = [(HDR.unpack_from(r.data)[1], r.data[16]) for r in reqs]
+    assert kinds == [(RTM_NEWROUTE, socket.AF_INET), (RTM_NEWRULE, socket.AF_INET),
+                     (RTM_DELRULE, socket.AF_INET6), (RTM_DELROUTE, socket.AF_INET6)]
+    assert [HDR.unpack_from(r.data)[3] for r in reqs] == [1, 2, 3, 4]  # sequence = position
+    assert all(r.ok_errnos == frozenset({errno.ENOENT, errno.ESRCH, errno.EAFNOSUPPORT}) for r in reqs[2:])
+
+
+def test_remove_requests_cover_both_families_in_order() -> None:
+    reqs = routes._remove_requests(True, 1)
+    kinds = [(HDR.unpack_from(r.data)[1], r.data[16]) for r in reqs]
+    assert kinds == [(RTM_DELRULE, socket.AF_INET), (RTM_DELROUTE, socket.AF_INET),
+                     (RTM_DELRULE, socket.AF_INET6), (RTM_DELROUTE, socket.AF_INET6)]
+    assert [HDR.unpack_from(r.data)[3] for r in reqs] == [1, 2, 3, 4]
 
 
 def test_remove_requests_accept_not_found_and_carry_no_protocol() -> None:
