@@ -14,6 +14,9 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Shared helpers that assert on behalf of tests: give their failures pytest's detailed diffs too.
+pytest.register_assert_rewrite("cni_agent.testing.redirectcheck", "cni_agent.testing.zdsharness")
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is None or os.geteuid() == 0:

@@ -11,9 +11,9 @@ import contextlib
 import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from cni_agent.redirect.netns import open_netns
+from cni_agent.redirect.netns import netns_identity, open_netns
 
 _NETNS_DIR = "/var/run/netns"
 
@@ -31,6 +31,7 @@ class TestNetns:
         self.name = name or f"acni-t-{secrets.token_hex(3)}"
         self._host_links: list[str] = []
         self._fds: list[int] = []
+        self._fd: int | None = None
         self._created = False
 
     @property
@@ -54,6 +55,22 @@ class TestNetns:
         fd = open_netns(self.path)
         self._fds.append(fd)
         return fd
+
+    @property
+    def fd(self) -> int:
+        """One long-lived fd owned by this netns (what a pod cache would hold); opened on first use."""
+        if self._fd is None:
+            self._fd = self.open()
+        return self._fd
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): how ztunnel and the agent tell namespaces apart, whatever the fd number."""
+        return netns_identity(self.fd)
+
+    def fresh_fd(self) -> int:
+        """Another fd to the same netns, owned by the caller: a different fd number, the same identity."""
+        return open_netns(self.path)
 
     def exec(
         self, argv: Sequence[str], *, input: str | None = None, check: bool = False, timeout: float = 30.0
@@ -98,9 +115,42 @@ class TestNetns:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+        self._fd = None
         for link in self._host_links:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
         self._host_links.clear()
         if self._created:
             subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
             self._created = False
+
+
+NetnsFactory = Callable[[], TestNetns]
+"""What the `new_ns`/`netns` fixtures hand a test: call it for another throw-away netns."""
+
+
+class NetnsPool:
+    """Creates TestNetns on demand and deletes every one of them at exit (a per-test factory)."""
+
+    def __init__(self, *, hold_fd: bool = False) -> None:
+        # hold_fd: open `fd` at creation, so fd counts taken later in a test do not see it appear
+        self._hold_fd = hold_fd
+        self.made: list[TestNetns] = []
+
+    def new(self) -> TestNetns:
+        ns = TestNetns()
+        self.made.append(ns)
+        ns.create()
+        if self._hold_fd:
+            _ = ns.fd
+        return ns
+
+    def __enter__(self) -> NetnsPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        for ns in self.made:
+            ns.cleanup()
+        self.made.clear()

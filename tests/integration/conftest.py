@@ -1,4 +1,4 @@
-"""Fixtures for root integration tests: the built shim, a real agent process, a local node."""
+"""Fixtures for root integration tests: the built shim, a real agent process, a local node, netns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cni_agent.redirect.netns import NetnsWorker
 from cni_agent.testing.localenv import LocalEnv
+from cni_agent.testing.netns import NetnsFactory, NetnsPool
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "build" / "bin" / "ambient-cni"
@@ -50,3 +52,30 @@ def env(request: pytest.FixtureRequest, workdir: Path, shim: Path) -> Iterator[L
         yield e.start()
     finally:
         e.close()
+
+
+@pytest.fixture
+def new_ns() -> Iterator[NetnsFactory]:
+    """Make throw-away netns (lo up); all deleted when the test ends."""
+    with NetnsPool() as pool:
+        yield pool.new
+
+
+@pytest.fixture
+def netns() -> Iterator[NetnsFactory]:
+    """Like `new_ns`, each netns already holding its fd (a pod cache entry), so fd counts stay put."""
+    with NetnsPool(hold_fd=True) as pool:
+        yield pool.new
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    """A ZDS socket path whose parent dirs do not exist yet (the server must create them)."""
+    return str(tmp_path / "run" / "ztunnel" / "ztunnel.sock")
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[NetnsWorker]:
+    """One NetnsWorker per module: starting a thread per test would only slow the run."""
+    with NetnsWorker() as w:
+        yield w

@@ -37,7 +37,7 @@ from cni_agent.redirect.hostprobe import (
 from cni_agent.redirect.netns import NetnsWorker, current_netns_identity, netns_identity
 from cni_agent.redirect.rules import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6, RuleSettings
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.netns import TestNetns
+from cni_agent.testing.netns import NetnsFactory, TestNetns
 
 pytestmark = pytest.mark.root
 
@@ -114,20 +114,6 @@ def fake_host(host_untouched: None) -> Iterator[tuple[TestNetns, NetnsWorker]]:
         ns.cleanup()
 
 
-@pytest.fixture
-def ns_factory() -> Iterator[list[TestNetns]]:
-    made: list[TestNetns] = []
-    yield made
-    for ns in made:
-        ns.cleanup()
-
-
-def new_ns(made: list[TestNetns]) -> TestNetns:
-    ns = TestNetns()
-    made.append(ns)
-    return ns.create()
-
-
 def nat_save(ns: TestNetns, family: int) -> str:
     tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
     return _strip_counters(ns.exec([tool, "-t", "nat"], check=True).stdout)
@@ -181,10 +167,10 @@ def make_dataplane(worker: NetnsWorker, backend: str, ipv6: bool) -> KernelDatap
 
 
 def test_iptables_install_equals_spec_restore_and_repairs(
-    fake_host: tuple[TestNetns, NetnsWorker], ns_factory: list[TestNetns]
+    fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
 ) -> None:
     host, worker = fake_host
-    ref = new_ns(ns_factory)
+    ref = new_ns()
     for name, fam in zip(SETS, ("inet", "inet6"), strict=True):
         ref.exec(["ipset", "create", name, "hash:ip", "family", fam, "comment"], check=True)
     for family in (4, 6):
@@ -223,10 +209,10 @@ def test_iptables_install_equals_spec_restore_and_repairs(
 
 
 def test_nft_install_equals_spec_text_and_repairs(
-    fake_host: tuple[TestNetns, NetnsWorker], ns_factory: list[TestNetns]
+    fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
 ) -> None:
     host, worker = fake_host
-    ref = new_ns(ns_factory)
+    ref = new_ns()
     cfg = HostProbeConfig(ipv6=True, kubelet_uid=1234)
     sets = "".join(f"add set inet istio-ambient-nat {n} {{ type {t} ; }}\n"
                    for n, t in zip(SETS, ("ipv4_addr", "ipv6_addr"), strict=True))
@@ -363,10 +349,10 @@ ADDRS = {
 }
 
 
-def _topology(host: TestNetns, made: list[TestNetns], family: int) -> tuple[TestNetns, TestNetns]:
+def _topology(host: TestNetns, new_ns: NetnsFactory, family: int) -> tuple[TestNetns, TestNetns]:
     """pod P and remote R, both wired to the fake host H, which routes between them."""
     a = ADDRS[family]
-    pod, remote = new_ns(made), new_ns(made)
+    pod, remote = new_ns(), new_ns()
     for ns in (host, pod, remote):  # no DAD on the veths' link-local addresses (ND would wait for it)
         ns.exec(["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"],
                 check=True)
@@ -397,11 +383,11 @@ def _capture(family: int, pod_fd: int, worker: NetnsWorker) -> CaptureListeners:
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_host_probe_traffic(
-    backend: str, family: int, fake_host: tuple[TestNetns, NetnsWorker], ns_factory: list[TestNetns]
+    backend: str, family: int, fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
 ) -> None:
     host, worker = fake_host
     a = ADDRS[family]
-    pod, remote = _topology(host, ns_factory, family)
+    pod, remote = _topology(host, new_ns, family)
     pod_fd, remote_fd = pod.open(), remote.open()
     dp = make_dataplane(worker, backend, ipv6=family == 6)
     asyncio.run(dp.install(pod_fd, RuleSettings(dns_capture=False)))
@@ -443,11 +429,11 @@ def test_host_probe_traffic(
 
 
 def test_nft_probe_snat_matches_only_the_kubelet_uid(
-    fake_host: tuple[TestNetns, NetnsWorker], ns_factory: list[TestNetns]
+    fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
 ) -> None:
     """skuid is what makes nft's rule kubelet-only: a socket of another uid is not SNATed."""
     host, worker = fake_host
-    pod, _remote = _topology(host, ns_factory, 4)
+    pod, _remote = _topology(host, new_ns, 4)
     pod_fd = pod.open()
     asyncio.run(make_dataplane(worker, BACKEND_NFTABLES, ipv6=False).install(pod_fd, RuleSettings()))
     p = probe(BACKEND_NFTABLES, worker, kubelet_uid=4242)  # we are uid 0, not the "kubelet"

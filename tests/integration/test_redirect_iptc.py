@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 
 import iptc
 import pytest
@@ -31,31 +30,12 @@ from cni_agent.redirect.netns import (
 )
 from cni_agent.redirect.rules import RuleSet, RuleSettings, build_ruleset, render_iptables_restore
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.netns import TestNetns
+from cni_agent.testing.netns import NetnsFactory, TestNetns
+from cni_agent.testing.redirectcheck import check_pod_redirection, socket_in
 
 pytestmark = pytest.mark.root
 
 TABLES = ("filter", "mangle", "nat", "raw")
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[NetnsWorker]:
-    with NetnsWorker() as w:
-        yield w
-
-
-@pytest.fixture
-def ns_factory() -> Iterator[list[TestNetns]]:
-    made: list[TestNetns] = []
-    yield made
-    for ns in made:
-        ns.cleanup()
-
-
-def new_ns(made: list[TestNetns]) -> TestNetns:
-    ns = TestNetns()
-    made.append(ns)
-    return ns.create()
 
 
 def _normalise(save_output: str) -> str:
@@ -117,8 +97,8 @@ def test_open_netns_rejects_non_netns(tmp_path: object) -> None:
         open_netns("/var/run/netns/does-not-exist-acni")
 
 
-def test_worker_enters_and_always_returns(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_worker_enters_and_always_returns(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     fd = ns.open()
     host = current_netns_identity()
     assert worker.host_identity == host
@@ -136,8 +116,8 @@ def test_worker_enters_and_always_returns(worker: NetnsWorker, ns_factory: list[
     assert worker.broken is None
 
 
-def test_worker_refuses_work_when_it_cannot_return(ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_worker_refuses_work_when_it_cannot_return(new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     fd = ns.open()
     w = NetnsWorker(name="doomed")
     real_host_fd = w._host_fd
@@ -160,9 +140,9 @@ def test_worker_refuses_work_when_it_cannot_return(ns_factory: list[TestNetns]) 
 
 @pytest.mark.parametrize("settings", VARIANTS, ids=["blockA", "bypass+ifaces", "bypass+dns"])
 def test_backend_equals_iptables_restore(
-    worker: NetnsWorker, ns_factory: list[TestNetns], settings: RuleSettings
+    worker: NetnsWorker, new_ns: NetnsFactory, settings: RuleSettings
 ) -> None:
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     rulesets = [build_ruleset(settings, 4), build_ruleset(settings, 6)]
     apply(worker, ours, *rulesets)
     for rs in rulesets:
@@ -175,10 +155,10 @@ def test_backend_equals_iptables_restore(
 
 
 def test_idempotent_drift_repair_foreign_rules_and_remove(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     host_before = host_save()
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     rs = build_ruleset(RuleSettings(), 4)
     restore(ref, rs)
     expected = {t: save(ref, t) for t in TABLES}
@@ -233,8 +213,8 @@ def test_idempotent_drift_repair_foreign_rules_and_remove(
 # --- routes ----------------------------------------------------------------------------------------
 
 
-def test_install_routes_verify_uninstall(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_install_routes_verify_uninstall(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     fd = ns.open()
     dp = KernelDataplane(worker, ipv6=True)
     settings = RuleSettings()
@@ -268,9 +248,9 @@ def test_install_routes_verify_uninstall(worker: NetnsWorker, ns_factory: list[T
     assert asyncio.run(dp.verify(fd, settings)) is False
 
 
-def test_route_errors_carry_the_kernel_reason(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+def test_route_errors_carry_the_kernel_reason(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
     """The batched requests are acked one by one: a failing one is reported with its errno."""
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     bogus_lo = 999_999  # no such ifindex: RTM_NEWROUTE fails with ENODEV
     with pytest.raises(routes.RoutesError) as info:
         worker.call(ns.open(), lambda: routes._transact(routes._apply_requests(False, False, bogus_lo)))
@@ -281,9 +261,9 @@ def test_route_errors_carry_the_kernel_reason(worker: NetnsWorker, ns_factory: l
     assert "local default dev lo" in ns.exec(["ip", "route", "show", "table", "100"], check=True).stdout
 
 
-def test_v6_rule_without_lo_ipv6(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+def test_v6_rule_without_lo_ipv6(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
     """Spec §6.2: no IPv6 on lo -> the v6 rule only; verify still passes, apply stays idempotent."""
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     ns.exec(["sysctl", "-w", "net.ipv6.conf.lo.disable_ipv6=1"], check=True)
     fd = ns.open()
     assert worker.call(fd, routes.lo_has_ipv6) is False
@@ -307,7 +287,7 @@ def _v6_leftovers(ns: TestNetns) -> dict[str, bool]:
 
 
 def test_ipv6_off_uninstall_verify_and_install_cover_ipv6_leftovers(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     """A pod enrolled while IPv6 was on, handled by an agent with IPv6 off (spec §8: deletion is
     idempotent and complete): uninstall removes the IPv6 chains, rule and route too, verify
@@ -315,7 +295,7 @@ def test_ipv6_off_uninstall_verify_and_install_cover_ipv6_leftovers(
     settings = RuleSettings()
     dp6 = KernelDataplane(worker, ipv6=True)
     dp4 = KernelDataplane(worker, ipv6=False)
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     fd = ns.open()
     asyncio.run(dp6.install(fd, settings))
     assert _v6_leftovers(ns) == {"chains": True, "rule": True, "route": True}  # not vacuous
@@ -346,11 +326,11 @@ def test_ipv6_off_uninstall_verify_and_install_cover_ipv6_leftovers(
 
 
 def test_variant_switch_with_a_foreign_jump_to_a_dropped_chain(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     """DNS capture off drops raw ISTIO_OUTPUT, but a foreign chain still jumps to it: the foreign
     rule is left alone, our chain stays empty, and the switch completes in every table."""
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     fd = ns.open()
     dp = KernelDataplane(worker)
     asyncio.run(dp.install(fd, RuleSettings(dns_capture=True)))
@@ -378,8 +358,8 @@ class _FailsOnRaw(IptablesLegacyBackend):
         return changed
 
 
-def test_failed_planning_commits_no_table(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_failed_planning_commits_no_table(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     apply(worker, ns, build_ruleset(RuleSettings(dns_capture=True), 4))
     before = {t: save(ns, t) for t in TABLES}
     dns_off = build_ruleset(RuleSettings(dns_capture=False), 4)
@@ -390,21 +370,21 @@ def test_failed_planning_commits_no_table(worker: NetnsWorker, ns_factory: list[
 
 
 def test_cached_rules_outlive_the_netns_they_were_built_in(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     """Rules are built once (`wanted_rule`) and reused: after their first netns is gone, a second pod
     still gets exactly the reference rule set, IPv4 and IPv6, without rebuilding."""
     settings = RuleSettings(reroute_interfaces=("cache0",))
     rulesets = [build_ruleset(settings, 4), build_ruleset(settings, 6)]
     wanted_rule.cache_clear()
-    first = new_ns(ns_factory)
+    first = new_ns()
     apply(worker, first, *rulesets)
     built = wanted_rule.cache_info().misses
     # one build per distinct (family, spec): `-j ISTIO_PRERT` serves mangle, nat and raw alike
     assert built == len({(rs.family, r.spec) for rs in rulesets for r in rs.rules})
     first.cleanup()
 
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     apply(worker, ours, *rulesets)
     assert wanted_rule.cache_info().misses == built  # nothing rebuilt
     for rs in rulesets:
@@ -419,55 +399,19 @@ def test_cached_rules_outlive_the_netns_they_were_built_in(
 # --- real traffic ----------------------------------------------------------------------------------
 
 
-def _socket_in(worker: NetnsWorker, fd: int, mark: int | None = None) -> socket.socket:
-    def make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if mark is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        s.settimeout(5)
-        return s
-
-    return worker.call(fd, make)
-
-
-def test_real_traffic_is_redirected(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    pod, peer = new_ns(ns_factory), new_ns(ns_factory)
+def test_real_traffic_is_redirected(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    pod, peer = new_ns(), new_ns()
     pod.veth(peer, "10.241.7.1/24", "10.241.7.2/24")
     pod_fd, peer_fd = pod.open(), peer.open()
     asyncio.run(KernelDataplane(worker).install(pod_fd, RuleSettings()))
 
     plain = worker.call(peer_fd, lambda: socket.create_server(("10.241.7.2", 8081)))
     with CaptureListeners(pod_fd, worker=worker) as cap, plain:
-        # outbound from the pod -> 15001, original destination preserved
-        with _socket_in(worker, pod_fd) as c:
-            c.connect(("10.241.7.2", 8080))
-        out = cap.wait_for(lambda i: i.original_dst == ("10.241.7.2", 8080))
-        assert out.port == 15001 and out.peer[0] == "10.241.7.1"
-
-        # inbound to the pod -> 15006
-        with _socket_in(worker, peer_fd) as c:
-            c.connect(("10.241.7.1", 9090))
-        inbound = cap.wait_for(lambda i: i.original_dst == ("10.241.7.1", 9090))
-        assert inbound.port == 15006 and inbound.peer[0] == "10.241.7.2"
-
-        # HBONE port is never redirected: lands on 15008 directly
-        with _socket_in(worker, peer_fd) as c:
-            c.connect(("10.241.7.1", 15008))
-        hbone = cap.wait_for(lambda i: i.port == 15008)
-        assert hbone.original_dst == ("10.241.7.1", 15008)
-
-        # ztunnel-marked traffic from the pod bypasses capture and reaches the real peer
-        with _socket_in(worker, pod_fd, mark=0x539) as c:
-            c.connect(("10.241.7.2", 8081))
-            plain.settimeout(5)
-            accepted, addr = plain.accept()
-            accepted.close()
-        assert addr[0] == "10.241.7.1"
-        assert not any(i.original_dst[1] == 8081 for i in cap.intercepted)
+        check_pod_redirection(worker, cap, plain, pod_fd, peer_fd, "10.241.7.1", "10.241.7.2")
 
     # Without our rules the same outbound connection is refused by the peer: the redirect did it.
     asyncio.run(KernelDataplane(worker).uninstall(pod_fd))
-    with _socket_in(worker, pod_fd) as c, pytest.raises(ConnectionRefusedError):
+    with socket_in(worker, pod_fd) as c, pytest.raises(ConnectionRefusedError):
         c.connect(("10.241.7.2", 8080))
 
 
@@ -475,7 +419,7 @@ def test_real_traffic_is_redirected(worker: NetnsWorker, ns_factory: list[TestNe
 
 
 def test_concurrent_installs_land_in_their_own_netns(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     host_before = host_save()
     variants = [
@@ -486,11 +430,11 @@ def test_concurrent_installs_land_in_their_own_netns(
     ]
     refs = []
     for v in variants:
-        ref = new_ns(ns_factory)
+        ref = new_ns()
         restore(ref, build_ruleset(v, 4))
         refs.append({t: save(ref, t) for t in TABLES})
 
-    pods = [new_ns(ns_factory) for _ in range(16)]
+    pods = [new_ns() for _ in range(16)]
 
     def settings_for(i: int) -> RuleSettings:
         v = variants[i % 4]
@@ -509,8 +453,10 @@ def test_concurrent_installs_land_in_their_own_netns(
     assert "ISTIO" not in host_save()
 
 
-def test_capture_listeners_bind_in_the_target_netns(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_capture_listeners_bind_in_the_target_netns(
+    worker: NetnsWorker, new_ns: NetnsFactory
+) -> None:
+    ns = new_ns()
     fd = ns.open()
     with CaptureListeners(fd, worker=worker, ports=(15001,)):
         listening = ns.exec(["ss", "-Hltn", "sport", "= :15001"], check=True).stdout

@@ -5,15 +5,12 @@ spec's text (Block F, or `render_nft` for other variants, which unit tests pin t
 sibling netns, as `nft -j list ruleset` with handles and counters dropped.
 """
 
-# ruff: noqa: E501  (Block F is copied verbatim from the spec)
-
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,70 +28,13 @@ from cni_agent.redirect.rules import (
     render_nft,
 )
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.netns import TestNetns
+from cni_agent.testing.netns import NetnsFactory, TestNetns
+from cni_agent.testing.redirectcheck import check_pod_redirection, socket_in
+from cni_agent.testing.specblocks import BLOCK_F
 
 pytestmark = pytest.mark.root
 
-BLOCK_F = """\
-add table inet istio-ambient-nat
-flush table inet istio-ambient-nat
-add chain inet istio-ambient-nat prerouting { type nat hook prerouting priority -100 ; }
-add chain inet istio-ambient-nat output { type nat hook output priority -100 ; }
-add chain inet istio-ambient-nat istio-prerouting
-add chain inet istio-ambient-nat istio-output
-add rule inet istio-ambient-nat output jump istio-output
-add rule inet istio-ambient-nat prerouting jump istio-prerouting
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-output oifname != lo mark and 0xfff != 0x539 udp dport 53 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1/32 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-add table inet istio-ambient-mangle
-flush table inet istio-ambient-mangle
-add chain inet istio-ambient-mangle prerouting { type filter hook prerouting priority -150 ; }
-add chain inet istio-ambient-mangle output { type route hook output priority -150 ; }
-add chain inet istio-ambient-mangle istio-prerouting
-add chain inet istio-ambient-mangle istio-output
-add rule inet istio-ambient-mangle prerouting jump istio-prerouting
-add rule inet istio-ambient-mangle output jump istio-output
-add rule inet istio-ambient-mangle istio-prerouting meta mark & 0xfff == 0x539 counter ct mark set ct mark & 0xfffff000 | 0x111
-add rule inet istio-ambient-mangle istio-output ct mark and 0xfff == 0x111 counter meta mark set ct mark
-add table inet istio-ambient-raw
-flush table inet istio-ambient-raw
-add chain inet istio-ambient-raw prerouting { type filter hook prerouting priority -300 ; }
-add chain inet istio-ambient-raw output { type filter hook output priority -300 ; }
-add chain inet istio-ambient-raw istio-prerouting
-add chain inet istio-ambient-raw istio-output
-add rule inet istio-ambient-raw prerouting jump istio-prerouting
-add rule inet istio-ambient-raw output jump istio-output
-add rule inet istio-ambient-raw istio-output udp dport 53 meta mark and 0xfff == 0x539 counter ct zone set 1
-add rule inet istio-ambient-raw istio-prerouting udp sport 53 meta mark and 0xfff != 0x539 counter ct zone set 1
-"""
-
 OUR_TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[NetnsWorker]:
-    with NetnsWorker() as w:
-        yield w
-
-
-@pytest.fixture
-def ns_factory() -> Iterator[list[TestNetns]]:
-    made: list[TestNetns] = []
-    yield made
-    for ns in made:
-        ns.cleanup()
-
-
-def new_ns(made: list[TestNetns]) -> TestNetns:
-    ns = TestNetns()
-    made.append(ns)
-    return ns.create()
 
 
 def _strip(obj: Any) -> Any:
@@ -153,8 +93,8 @@ def rs_for(settings: RuleSettings, families: tuple[int, ...]) -> list[RuleSet]:
 # --- backend vs the spec text loaded by nft -f ------------------------------------------------------
 
 
-def test_block_f_backend_equals_spec_text(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ours, ref, via_json = new_ns(ns_factory), new_ns(ns_factory), new_ns(ns_factory)
+def test_block_f_backend_equals_spec_text(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ours, ref, via_json = new_ns(), new_ns(), new_ns()
     rulesets = rs_for(RuleSettings(), (4,))
     apply(worker, ours, rulesets)
     nft_load(ref, BLOCK_F)
@@ -177,9 +117,9 @@ VARIANTS = [
 @pytest.mark.parametrize("families", [(4,), (4, 6)], ids=["v4", "v4v6"])
 @pytest.mark.parametrize("settings", VARIANTS, ids=["default", "dns-off", "bypass", "bypass+dns+ifaces"])
 def test_variants_equal_text_form(
-    worker: NetnsWorker, ns_factory: list[TestNetns], settings: RuleSettings, families: tuple[int, ...]
+    worker: NetnsWorker, new_ns: NetnsFactory, settings: RuleSettings, families: tuple[int, ...]
 ) -> None:
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     rulesets = rs_for(settings, families)
     apply(worker, ours, rulesets)
     nft_load(ref, render_nft(rulesets))
@@ -218,9 +158,9 @@ def _rule_handles(ns: TestNetns, table: str, chain: str) -> list[tuple[int, str]
 
 
 def test_idempotent_drift_repair_atomic(
-    worker: NetnsWorker, ns_factory: list[TestNetns], monkeypatch: pytest.MonkeyPatch
+    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     rulesets = rs_for(RuleSettings(), (4, 6))
     nft_load(ref, render_nft(rulesets))
     want = per_table(listing(ref))
@@ -249,9 +189,9 @@ def test_idempotent_drift_repair_atomic(
 
 
 def test_shape_drift_is_replaced_in_one_transaction(
-    worker: NetnsWorker, ns_factory: list[TestNetns], monkeypatch: pytest.MonkeyPatch
+    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ours, ref = new_ns(ns_factory), new_ns(ns_factory)
+    ours, ref = new_ns(), new_ns()
     rulesets = rs_for(RuleSettings(), (4,))
     nft_load(ref, render_nft(rulesets))
     apply(worker, ours, rulesets)
@@ -269,10 +209,11 @@ def test_shape_drift_is_replaced_in_one_transaction(
 
 
 def test_dns_off_removes_leftover_raw_and_foreign_tables_survive(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
-    ours = new_ns(ns_factory)
-    foreign = ("table inet foreign {\n chain c {\n type filter hook output priority 0 ;\n tcp dport 7777 accept\n }\n}\n"
+    ours = new_ns()
+    foreign = ("table inet foreign {\n chain c {\n type filter hook output priority 0 ;\n"
+               " tcp dport 7777 accept\n }\n}\n"
                "table ip istio-ambient-nat {\n chain x {\n udp dport 7 drop\n }\n}\n")
     nft_load(ours, foreign)
     before = per_table(listing(ours))
@@ -293,9 +234,9 @@ def test_dns_off_removes_leftover_raw_and_foreign_tables_survive(
     assert_host_has_no_pod_rules()
 
 
-def test_table_check_sees_only_inet_tables(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
+def test_table_check_sees_only_inet_tables(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
     """The raw netlink table dump (the per-pod "anything of ours?" check) agrees with nft itself."""
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     fd = ns.open()
     assert worker.call(fd, nft_mod.inet_table_names) == set()
     assert worker.call(fd, lambda: NftablesBackend().present()) is False
@@ -318,8 +259,8 @@ def legacy_save(ns: TestNetns, family: int = 4) -> str:
     return ns.exec([tool], check=True).stdout
 
 
-def test_dataplane_nft_install_verify_uninstall(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_dataplane_nft_install_verify_uninstall(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     fd = ns.open()
     dp = KernelDataplane(worker, backend="nftables", ipv6=True)
     assert dp.backend_name == "nftables"
@@ -340,11 +281,11 @@ def test_dataplane_nft_install_verify_uninstall(worker: NetnsWorker, ns_factory:
 
 
 def test_nft_dataplane_with_ipv6_off_covers_ipv6_leftovers(
-    worker: NetnsWorker, ns_factory: list[TestNetns]
+    worker: NetnsWorker, new_ns: NetnsFactory
 ) -> None:
     """A pod enrolled with IPv6 on, handled with IPv6 off: uninstall deletes the IPv6 ip rule and
     route too, verify sees them as drift, and install removes them (and the ip6 nft rules)."""
-    ns = new_ns(ns_factory)
+    ns = new_ns()
     fd = ns.open()
     dp6 = KernelDataplane(worker, backend="nftables", ipv6=True)
     dp4 = KernelDataplane(worker, backend="nftables", ipv6=False)
@@ -370,8 +311,8 @@ def test_nft_dataplane_with_ipv6_off_covers_ipv6_leftovers(
     asyncio.run(dp4.uninstall(fd))
 
 
-def test_migration_between_backends(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    ns = new_ns(ns_factory)
+def test_migration_between_backends(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    ns = new_ns()
     fd = ns.open()
     legacy = KernelDataplane(worker, backend="iptables-legacy")
     nft = KernelDataplane(worker, backend="nftables")
@@ -395,19 +336,8 @@ def test_migration_between_backends(worker: NetnsWorker, ns_factory: list[TestNe
 # --- real traffic ------------------------------------------------------------------------------------
 
 
-def _socket_in(worker: NetnsWorker, fd: int, mark: int | None = None) -> socket.socket:
-    def make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if mark is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        s.settimeout(5)
-        return s
-
-    return worker.call(fd, make)
-
-
-def test_real_traffic_through_nft_backend(worker: NetnsWorker, ns_factory: list[TestNetns]) -> None:
-    pod, peer = new_ns(ns_factory), new_ns(ns_factory)
+def test_real_traffic_through_nft_backend(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    pod, peer = new_ns(), new_ns()
     pod.veth(peer, "10.241.9.1/24", "10.241.9.2/24")
     pod_fd, peer_fd = pod.open(), peer.open()
     dp = KernelDataplane(worker, backend="nftables")
@@ -416,32 +346,13 @@ def test_real_traffic_through_nft_backend(worker: NetnsWorker, ns_factory: list[
 
     plain = worker.call(peer_fd, lambda: socket.create_server(("10.241.9.2", 8081)))
     with CaptureListeners(pod_fd, worker=worker) as cap, plain:
-        with _socket_in(worker, pod_fd) as c:
-            c.connect(("10.241.9.2", 8080))
-        out = cap.wait_for(lambda i: i.original_dst == ("10.241.9.2", 8080))
-        assert out.port == 15001 and out.peer[0] == "10.241.9.1"
-
-        with _socket_in(worker, peer_fd) as c:
-            c.connect(("10.241.9.1", 9090))
-        inbound = cap.wait_for(lambda i: i.original_dst == ("10.241.9.1", 9090))
-        assert inbound.port == 15006 and inbound.peer[0] == "10.241.9.2"
-
-        with _socket_in(worker, peer_fd) as c:
-            c.connect(("10.241.9.1", 15008))
-        assert cap.wait_for(lambda i: i.port == 15008).original_dst == ("10.241.9.1", 15008)
-
-        with _socket_in(worker, pod_fd, mark=0x539) as c:
-            c.connect(("10.241.9.2", 8081))
-            plain.settimeout(5)
-            accepted, addr = plain.accept()
-            accepted.close()
-        assert addr[0] == "10.241.9.1"
-        assert not any(i.original_dst[1] == 8081 for i in cap.intercepted)
-    counters = pod.exec(["nft", "list", "chain", "inet", "istio-ambient-nat", "istio-output"], check=True).stdout
+        check_pod_redirection(worker, cap, plain, pod_fd, peer_fd, "10.241.9.1", "10.241.9.2")
+    argv = ["nft", "list", "chain", "inet", "istio-ambient-nat", "istio-output"]
+    counters = pod.exec(argv, check=True).stdout
     assert "packets 0 bytes 0 redirect to :15001" not in counters  # the 15001 rule really counted
 
     asyncio.run(dp.uninstall(pod_fd))
-    with _socket_in(worker, pod_fd) as c, pytest.raises(ConnectionRefusedError):
+    with socket_in(worker, pod_fd) as c, pytest.raises(ConnectionRefusedError):
         c.connect(("10.241.9.2", 8080))
 
 
@@ -481,8 +392,8 @@ def _reference(backend: str, ns: TestNetns, settings: RuleSettings) -> None:
 
 
 @pytest.mark.parametrize("backend", ["nftables", "iptables-legacy"])
-def test_64_concurrent_installs(worker: NetnsWorker, ns_factory: list[TestNetns], backend: str) -> None:
-    pods = [new_ns(ns_factory) for _ in range(CONCURRENT)]
+def test_64_concurrent_installs(worker: NetnsWorker, new_ns: NetnsFactory, backend: str) -> None:
+    pods = [new_ns() for _ in range(CONCURRENT)]
     dp = KernelDataplane(worker, backend=backend)
 
     async def install_all() -> None:
@@ -491,7 +402,7 @@ def test_64_concurrent_installs(worker: NetnsWorker, ns_factory: list[TestNetns]
     asyncio.run(install_all())
     refs: dict[int, str] = {}
     for i, p in enumerate(pods):
-        ref = new_ns(ns_factory)
+        ref = new_ns()
         _reference(backend, ref, _settings_for(i))
         refs[i] = _pod_state(backend, ref)
         ref.cleanup()

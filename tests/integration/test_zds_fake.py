@@ -6,135 +6,32 @@ of bad input, and checks the reply bytes, whether it reconnects or exits, and wh
 from __future__ import annotations
 
 import os
-import secrets
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from cni_agent.testing.ztunnel import FakeZtunnel, NoListeners
+from cni_agent.testing.netns import NetnsFactory, TestNetns
+from cni_agent.testing.zdsharness import RawAgent, RecordingListeners, fd_count, info
+from cni_agent.testing.ztunnel import FakeZtunnel
 from cni_agent.zds import protocol as p
-from cni_agent.zds.protocol import AddRequest, DelRequest, KeepRequest, SnapshotSentRequest, WorkloadInfo
+from cni_agent.zds.protocol import AddRequest, DelRequest, KeepRequest, SnapshotSentRequest
 
 pytestmark = pytest.mark.root
 
-HELLO = bytes.fromhex("0801")
 enc = p.encode_request
 
 
-class Netns:
-    """A test-created netns and an O_RDONLY|O_CLOEXEC fd to it."""
-
-    def __init__(self) -> None:
-        self.name = f"zdsf-{secrets.token_hex(4)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.path = f"/var/run/netns/{self.name}"
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        self.identity = (st.st_dev, st.st_ino)
-
-    def fresh_fd(self) -> int:
-        """Another fd to the same netns: a different fd number, the same (st_dev, st_ino)."""
-        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[], Netns]]:
-    made: list[Netns] = []
-
-    def make() -> Netns:
-        made.append(Netns())
-        return made[-1]
-
-    yield make
-    for ns in made:
-        ns.close()
-
-
-class Recording(NoListeners):
-    """Listener factory that binds nothing; records the netns it was started in and start/stop calls."""
+class Recording(RecordingListeners):
+    """Recording proxies that fail to start in the netns listed in `fail_for` (reset by `rig`)."""
 
     fail_for: set[tuple[int, int]] = set()
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(fd)
-        st = os.fstat(fd)
-        self.netns = (st.st_dev, st.st_ino)
-        self.started = self.stopped = 0
 
     def start(self) -> None:
         if self.netns in Recording.fail_for:
             raise OSError(98, "Address in use")
-        self.started += 1
-
-    def stop(self) -> None:
-        self.stopped += 1
-
-
-class RawAgent:
-    """The server end, driven by hand: accept, read the hello, send records, read replies."""
-
-    def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.conn: socket.socket | None = None
-
-    def accept(self, timeout: float = 5.0) -> socket.socket:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        self.listener.settimeout(timeout)
-        conn, _ = self.listener.accept()
-        conn.settimeout(5)
-        assert conn.recv(1024) == HELLO  # the hello comes first, unprompted
-        self.conn = conn
-        return conn
-
-    def send(self, payload: bytes, fds: list[int] | None = None) -> None:
-        assert self.conn is not None
-        if fds:
-            socket.send_fds(self.conn, [payload], fds)
-        else:
-            self.conn.send(payload)
-
-    def reply(self) -> str:
-        assert self.conn is not None
-        data = self.conn.recv(65536)
-        assert data, "fake closed the connection instead of replying"
-        return p.decode_ack(data)
-
-    def request(self, payload: bytes, fds: list[int] | None = None) -> str:
-        self.send(payload, fds)
-        return self.reply()
-
-    def expect_eof(self) -> None:
-        assert self.conn is not None
-        assert self.conn.recv(1024) == b""
-
-    def expect_no_reply(self, wait: float = 0.3) -> None:
-        """Lock-step: nothing arrives unless asked."""
-        assert self.conn is not None
-        self.conn.settimeout(wait)
-        with pytest.raises(TimeoutError):
-            self.conn.recv(1024)
-        self.conn.settimeout(5)
-
-    def snapshot_done(self) -> None:
-        assert self.request(enc(SnapshotSentRequest())) == ""
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
+        super().start()
 
 
 @pytest.fixture
@@ -151,12 +48,6 @@ def rig(tmp_path: Path) -> Iterator[tuple[RawAgent, FakeZtunnel]]:
         agent.close()
 
 
-def info(uid: str) -> WorkloadInfo:
-    return WorkloadInfo(f"pod-{uid}", "default", "sa")
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # ---- read errors: nack "failure to read message : ...", disconnect, reconnect ----------------------
@@ -181,7 +72,7 @@ READ_ERRORS: list[tuple[str, bytes, int, str]] = [
     ("payload", "nfds", "text"), [c[1:] for c in READ_ERRORS], ids=[c[0] for c in READ_ERRORS]
 )
 def test_read_error_nacks_and_reconnects(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns], payload: bytes, nfds: int, text: str
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory, payload: bytes, nfds: int, text: str
 ) -> None:
     agent, fake = rig
     ns, other = netns(), netns()
@@ -190,7 +81,7 @@ def test_read_error_nacks_and_reconnects(
     assert agent.request(enc(AddRequest("keep", info("keep"))), [ns.fd]) == ""
     agent.snapshot_done()
     running_before = fake.running["keep"]
-    count_before = _fd_count()
+    count_before = fd_count()
 
     nack = agent.request(payload, [other.fd] * nfds)
     assert nack.startswith(f"failure to read message : {text}"), nack
@@ -201,7 +92,7 @@ def test_read_error_nacks_and_reconnects(
     assert fake.running_uids() == {"keep"} and fake.running["keep"] is running_before
     assert not fake.snapshot_received  # per-connection state was reset
     # every fd it received with the bad record was closed (the agent's conn was replaced one for one)
-    assert _fd_count() == count_before
+    assert fd_count() == count_before
     assert (None, nack) in fake.acks_sent
 
 
@@ -218,21 +109,21 @@ def test_empty_record_is_eof_no_reply_and_reconnect(rig: tuple[RawAgent, FakeZtu
 # ---- protocol errors: nack ProtocolError, then the process exits ---------------------------------
 
 
-def _fatal_add_without_info_in_snapshot(agent: RawAgent, ns: Netns) -> str:
+def _fatal_add_without_info_in_snapshot(agent: RawAgent, ns: TestNetns) -> str:
     return agent.request(bytes.fromhex("0a040a027531"), [ns.fd])
 
 
-def _fatal_add_without_info_live(agent: RawAgent, ns: Netns) -> str:
+def _fatal_add_without_info_live(agent: RawAgent, ns: TestNetns) -> str:
     agent.snapshot_done()
     return agent.request(bytes.fromhex("0a040a027531"), [ns.fd])
 
 
-def _fatal_keep_after_snapshot(agent: RawAgent, ns: Netns) -> str:
+def _fatal_keep_after_snapshot(agent: RawAgent, ns: TestNetns) -> str:
     agent.snapshot_done()
     return agent.request(enc(KeepRequest("run")))
 
 
-def _fatal_second_snapshot_sent(agent: RawAgent, ns: Netns) -> str:
+def _fatal_second_snapshot_sent(agent: RawAgent, ns: TestNetns) -> str:
     agent.snapshot_done()
     return agent.request(enc(SnapshotSentRequest()))
 
@@ -248,8 +139,8 @@ FATAL = [
 @pytest.mark.parametrize(("drive", "reason"), FATAL, ids=[f[0].__name__[7:] for f in FATAL])
 def test_protocol_error_nacks_and_exits(
     rig: tuple[RawAgent, FakeZtunnel],
-    netns: Callable[[], Netns],
-    drive: Callable[[RawAgent, Netns], str],
+    netns: NetnsFactory,
+    drive: Callable[[RawAgent, TestNetns], str],
     reason: str,
 ) -> None:
     agent, fake = rig
@@ -273,7 +164,7 @@ def test_protocol_error_nacks_and_exits(
 
 
 def test_repeated_add_same_netns_is_noop_by_dev_and_ino(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory
 ) -> None:
     agent, fake = rig
     ns = netns()
@@ -281,7 +172,7 @@ def test_repeated_add_same_netns_is_noop_by_dev_and_ino(
     agent.snapshot_done()
     assert agent.request(enc(AddRequest("a", info("a"))), [ns.fd]) == ""
     proxy = fake.running["a"]
-    count = _fd_count()
+    count = fd_count()
     fresh = ns.fresh_fd()  # a different fd number and open file, same netns
     try:
         assert agent.request(enc(AddRequest("a", info("a"))), [fresh]) == ""
@@ -290,12 +181,12 @@ def test_repeated_add_same_netns_is_noop_by_dev_and_ino(
     assert fake.running["a"] is proxy  # nothing restarted
     listeners = proxy.listeners
     assert isinstance(listeners, Recording) and (listeners.started, listeners.stopped) == (1, 0)
-    assert _fd_count() == count  # the fake closed the duplicate it received
+    assert fd_count() == count  # the fake closed the duplicate it received
     agent.expect_no_reply()
 
 
 def test_add_of_a_different_netns_replaces_the_proxy(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory
 ) -> None:
     agent, fake = rig
     old_ns, new_ns = netns(), netns()
@@ -303,17 +194,17 @@ def test_add_of_a_different_netns_replaces_the_proxy(
     agent.snapshot_done()
     assert agent.request(enc(AddRequest("a", info("a"))), [old_ns.fd]) == ""
     old = fake.running["a"]
-    count = _fd_count()
+    count = fd_count()
     assert agent.request(enc(AddRequest("a", info("a"))), [new_ns.fd]) == ""
     new = fake.running["a"]
     assert old.netns == old_ns.identity and new.netns == new_ns.identity
     assert isinstance(old.listeners, Recording) and old.listeners.stopped == 1  # drained at once
     assert isinstance(new.listeners, Recording) and new.listeners.started == 1
-    assert _fd_count() == count  # old netns fd closed, new one held
+    assert fd_count() == count  # old netns fd closed, new one held
 
 
 def test_snapshot_drains_pods_it_does_not_name(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory
 ) -> None:
     """Running a, b, c, d. New connection: Add a (same netns: no-op), Keep b, Del c, nothing for d.
     At SnapshotSent the fake drains c and d (not before), keeps a and b."""
@@ -341,7 +232,7 @@ def test_snapshot_drains_pods_it_does_not_name(
 
 
 def test_del_after_snapshot_drains_and_unknown_uid_acks(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory
 ) -> None:
     agent, fake = rig
     ns = netns()
@@ -355,7 +246,7 @@ def test_del_after_snapshot_drains_and_unknown_uid_acks(
 
 
 def test_start_failure_goes_pending_is_retried_and_dropped_on_disconnect(
-    rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]
+    rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory
 ) -> None:
     agent, fake = rig
     ns, ns2 = netns(), netns()
@@ -373,26 +264,26 @@ def test_start_failure_goes_pending_is_retried_and_dropped_on_disconnect(
     assert fake.running["p"].netns == ns.identity
 
     # a pending entry never ran: a disconnect drops it without a drain, and closes its fd
-    count = _fd_count()
+    count = fd_count()
     assert agent.request(enc(AddRequest("q", info("q"))), [ns2.fd]).startswith("failure to start proxy")
     assert set(fake.pending) == {"q"}
-    assert _fd_count() == count + 1  # the fake holds q's netns fd while pending
+    assert fd_count() == count + 1  # the fake holds q's netns fd while pending
     agent.accept()
     fake.wait_until(lambda z: z.connections == 2 and not z.pending)
     assert fake.running_uids() == {"p"}  # running survives, pending does not
-    assert _fd_count() == count
+    assert fd_count() == count
 
 
-def test_del_removes_pending(rig: tuple[RawAgent, FakeZtunnel], netns: Callable[[], Netns]) -> None:
+def test_del_removes_pending(rig: tuple[RawAgent, FakeZtunnel], netns: NetnsFactory) -> None:
     agent, fake = rig
     ns = netns()
     agent.accept()
     agent.snapshot_done()
     Recording.fail_for = {ns.identity}
-    count = _fd_count()
+    count = fd_count()
     assert agent.request(enc(AddRequest("p", info("p"))), [ns.fd]).startswith("failure to start proxy")
     assert agent.request(enc(DelRequest("p"))) == ""
-    assert not fake.pending and _fd_count() == count
+    assert not fake.pending and fd_count() == count
     Recording.fail_for = set()
     time.sleep(0.4)  # past a retry period: nothing comes back
     assert fake.running_uids() == set()

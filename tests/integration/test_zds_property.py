@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,8 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cni_agent.redirect.netns import netns_identity
+from cni_agent.testing.netns import NetnsPool
+from cni_agent.testing.zdsharness import fd_count, info
 from cni_agent.testing.ztunnel import FakeZtunnel, NoListeners
-from cni_agent.zds.protocol import WorkloadInfo, ZdsError
+from cni_agent.zds.protocol import ZdsError
 from cni_agent.zds.server import SnapshotEntry, ZdsServer
 
 pytestmark = pytest.mark.root
@@ -34,25 +35,14 @@ MAX_PEERS = 3
 
 @dataclass(frozen=True)
 class Pool:
-    names: tuple[str, ...]
     fds: tuple[int, ...]
 
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[Pool]:
     """A few real netns, shared by all examples (creating one per example would dominate the run)."""
-    names = tuple(f"zdsp-{secrets.token_hex(3)}" for _ in range(NETNS_COUNT))
-    fds: list[int] = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-            fds.append(os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC))
-        yield Pool(names, tuple(fds))
-    finally:
-        for fd in fds:
-            os.close(fd)
-        for name in names:
-            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+    with NetnsPool() as made:
+        yield Pool(tuple(made.new().fd for _ in range(NETNS_COUNT)))
 
 
 Op = tuple[str, int, int]
@@ -70,19 +60,6 @@ OPS = st.one_of(
     st.tuples(st.just("stop_oldest"), st.just(0), st.just(0)),  # upgrade: the old one drains
     st.tuples(st.just("stop_last"), st.just(0), st.just(0)),  # no ztunnel for a while
 )
-
-
-def info(uid: str) -> WorkloadInfo:
-    return WorkloadInfo(f"pod-{uid}", "default", "sa")
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    st_ = os.fstat(fd)
-    return st_.st_dev, st_.st_ino
 
 
 async def _run_ops(ops: list[Op], pool: Pool, path: str) -> None:
@@ -127,7 +104,7 @@ async def _run_ops(ops: list[Op], pool: Pool, path: str) -> None:
             try:
                 if kind == "add":
                     cache[uid] = pool.fds[j]  # pods enter the cache before their Add ...
-                    added_on.setdefault(uid, set()).add(_identity(pool.fds[j]))
+                    added_on.setdefault(uid, set()).add(netns_identity(pool.fds[j]))
                     await server.add_workload(uid, info(uid), pool.fds[j])
                 elif kind == "forget_netns":
                     if uid in cache:
@@ -169,7 +146,7 @@ async def _run_ops(ops: list[Op], pool: Pool, path: str) -> None:
         # Pods with a known netns must run, on that netns. A pod sent as Keep (netns unknown) may
         # still run from an earlier Add (Keep shields it), on a netns it was once added with (the
         # agent cannot tell which one a ztunnel has). Nothing the agent does not enroll may run.
-        want = {uid: _identity(fd) for uid, fd in cache.items() if fd is not None}
+        want = {uid: netns_identity(fd) for uid, fd in cache.items() if fd is not None}
         kept = {uid: added_on.get(uid, set()) for uid, fd in cache.items() if fd is None}
 
         def settled(z: FakeZtunnel) -> bool:
@@ -201,10 +178,10 @@ async def _run_ops(ops: list[Op], pool: Pool, path: str) -> None:
 def test_last_peer_runs_exactly_the_enrolled_pods(pool: Pool, ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory(prefix="zdsp") as tmp:
         path = os.path.join(tmp, "ztunnel.sock")
-        before = _fd_count()
+        before = fd_count()
         asyncio.run(asyncio.wait_for(_run_ops(ops, pool, path), 30))
         # every dup the server made, every fd the peers received and every socket is gone again
         deadline = time.monotonic() + 2
-        while _fd_count() != before and time.monotonic() < deadline:
+        while fd_count() != before and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _fd_count() == before
+        assert fd_count() == before

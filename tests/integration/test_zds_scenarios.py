@@ -6,129 +6,26 @@ peers on their own threads (so every blocking wait on a peer goes through `async
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable
 
 import pytest
 
 from cni_agent.testing.capture import CaptureListeners
-from cni_agent.testing.ztunnel import FakeZtunnel, Listeners, NoListeners
+from cni_agent.testing.netns import NetnsFactory
+from cni_agent.testing.zdsharness import PodCache, eventually, fake_peer, info, run, running, until
+from cni_agent.testing.ztunnel import FakeZtunnel, Listeners
 from cni_agent.zds import protocol as p
 from cni_agent.zds.protocol import AddRequest, DelRequest, WorkloadInfo, ZdsError
-from cni_agent.zds.server import SnapshotEntry, ZdsServer
+from cni_agent.zds.server import ZdsServer
 
 pytestmark = pytest.mark.root
 
 
-class Netns:
-    def __init__(self) -> None:
-        self.name = f"zdss-{secrets.token_hex(4)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.path = f"/var/run/netns/{self.name}"
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        self.identity = (st.st_dev, st.st_ino)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[], Netns]]:
-    made: list[Netns] = []
-
-    def make() -> Netns:
-        made.append(Netns())
-        return made[-1]
-
-    yield make
-    for ns in made:
-        ns.close()
-
-
-class Recording(NoListeners):
-    """Binds nothing; remembers the netns it was started in."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(fd)
-        st = os.fstat(fd)
-        self.netns = (st.st_dev, st.st_ino)
-        self.stopped = 0
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self.stopped += 1
-
-
-def info(uid: str) -> WorkloadInfo:
-    return WorkloadInfo(f"pod-{uid}", "default", "sa")
-
-
-class Cache:
-    """The agent's pod cache as ZDS sees it. Pods enter before their Add and leave before their Del."""
-
-    def __init__(self) -> None:
-        self.pods: dict[str, tuple[WorkloadInfo, int | None]] = {}
-
-    def put(self, uid: str, fd: int | None) -> None:
-        self.pods[uid] = (info(uid), fd)
-
-    def snapshot(self) -> list[SnapshotEntry]:
-        return [SnapshotEntry(uid, i, fd) for uid, (i, fd) in self.pods.items()]
-
-    def expected(self) -> dict[str, tuple[int, int]]:
-        """uid -> netns identity, for every pod whose netns is known."""
-        out = {}
-        for uid, (_, fd) in self.pods.items():
-            if fd is not None:
-                st = os.fstat(fd)
-                out[uid] = (st.st_dev, st.st_ino)
-        return out
-
-
-def peer(path: str, **kw: Any) -> FakeZtunnel:
-    kw.setdefault("listener_factory", Recording)
-    kw.setdefault("max_backoff", 0.05)
-    return FakeZtunnel(path, **kw)
-
-
-def running(fake: FakeZtunnel) -> dict[str, tuple[int, int]]:
-    with fake._cond:
-        return {uid: r.netns for uid, r in fake.running.items()}
-
-
-async def until(fake: FakeZtunnel, pred: Callable[[FakeZtunnel], bool], timeout: float = 5.0) -> None:
-    await asyncio.to_thread(fake.wait_until, pred, timeout)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-def run(coro: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(coro(), timeout))
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "zt" / "ztunnel.sock")
-
-
-async def settle(fake: FakeZtunnel, cache: Cache) -> None:
+async def settle(fake: FakeZtunnel, cache: PodCache) -> None:
     """Connected, snapshot received on this connection, and exactly the cached pods running."""
     try:
         await until(fake, lambda z: z.connected and z.snapshot_received and running(z) == cache.expected())
@@ -140,12 +37,12 @@ async def settle(fake: FakeZtunnel, cache: Cache) -> None:
 # ---- restarts under churn -------------------------------------------------------------------------
 
 
-def test_peer_restarts_20_times_while_pods_churn(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_peer_restarts_20_times_while_pods_churn(sock_path: str, netns: NetnsFactory) -> None:
     """Adds/removes (including a netns replacement) run concurrently with 20 ztunnel restarts and a few
     bare reconnects. Every failure seen by the agent must be retryable; after the last restart the
     peer runs exactly the enrolled pods, each on the enrolled netns."""
     nss = [netns() for _ in range(3)]
-    cache = Cache()
+    cache = PodCache()
     rng = random.Random(3)
     uids = [f"p{i}" for i in range(8)]
     errors: list[ZdsError] = []
@@ -172,7 +69,7 @@ def test_peer_restarts_20_times_while_pods_churn(sock_path: str, netns: Callable
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot)  # default accept rate limit: 5/s
         await server.start_accepting()
-        fake = peer(sock_path)
+        fake = fake_peer(sock_path)
         fake.start()
         stop = asyncio.Event()
         try:
@@ -206,14 +103,14 @@ def test_peer_restarts_20_times_while_pods_churn(sock_path: str, netns: Callable
 # ---- two peers at once (upgrade) ------------------------------------------------------------------
 
 
-def test_upgrade_overlap_with_real_listeners(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_upgrade_overlap_with_real_listeners(sock_path: str, netns: NetnsFactory) -> None:
     """zds.md §8.7 + §9: old ztunnel serving pods; the new one connects and gets a full snapshot while
     the old keeps its proxies (both bind the pod's ports thanks to SO_REUSEPORT). Add goes to the new
     one only, Del to both. The old one drains (EOF) and the new one carries on alone."""
     a, b, c = netns(), netns(), netns()
     for ns in (a, b, c):
         subprocess.run(["ip", "-n", ns.name, "link", "set", "lo", "up"], check=True)
-    cache = Cache()
+    cache = PodCache()
 
     def capture(fd: int) -> Listeners:
         return CaptureListeners(fd)
@@ -221,8 +118,8 @@ def test_upgrade_overlap_with_real_listeners(sock_path: str, netns: Callable[[],
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01, keepalive_idle=0.3)
         await server.start_accepting()
-        old = peer(sock_path, listener_factory=capture)
-        new = peer(sock_path, listener_factory=capture)
+        old = fake_peer(sock_path, listener_factory=capture)
+        new = fake_peer(sock_path, listener_factory=capture)
         old.start()
         try:
             await until(old, lambda z: z.snapshots == 1)
@@ -282,17 +179,17 @@ def test_upgrade_overlap_with_real_listeners(sock_path: str, netns: Callable[[],
 
 
 def test_add_falls_back_when_newest_is_gone_and_snapshot_catches_up(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     """Newest gone without the server noticing: the Add lands on the previous one. When a new ztunnel
     connects it receives that pod in its snapshot."""
     a, b = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01)
         await server.start_accepting()
-        old, new = peer(sock_path), peer(sock_path)
+        old, new = fake_peer(sock_path), fake_peer(sock_path)
         old.start()
         await until(old, lambda z: z.snapshots == 1)
         new.start()
@@ -304,7 +201,7 @@ def test_add_falls_back_when_newest_is_gone_and_snapshot_catches_up(
             await server.add_workload("a", info("a"), a.fd)
             assert running(old) == {"a": a.identity}
             assert server.connected == 1
-            third = peer(sock_path)
+            third = fake_peer(sock_path)
             third.start()
             try:
                 await settle(third, cache)
@@ -322,18 +219,18 @@ def test_add_falls_back_when_newest_is_gone_and_snapshot_catches_up(
 
 
 def test_rolled_back_upgrade_brings_the_old_ztunnel_up_to_date(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     """Old and new ztunnel connected; pods added meanwhile went to the new one only. The new one dies
     and the old one stays (a rollback): the server re-sends Add for every cached pod to the old one,
     except pods added/removed while that catch-up is in progress (a Del must not be overtaken)."""
     a, b, c = netns(), netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, keepalive_idle=0.2, accept_interval=0.01)
         await server.start_accepting()
-        old, new = peer(sock_path), peer(sock_path)
+        old, new = fake_peer(sock_path), fake_peer(sock_path)
         old.start()
         await until(old, lambda z: z.snapshots == 1)
         cache.put("c", c.fd)
@@ -377,16 +274,16 @@ def test_rolled_back_upgrade_brings_the_old_ztunnel_up_to_date(
 
 
 def test_peer_that_never_acks_the_snapshot_is_dropped_then_recovers(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     a = netns()
-    cache = Cache()
+    cache = PodCache()
     cache.put("a", a.fd)
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, ack_timeout=0.3, accept_interval=0.01)
         await server.start_accepting()
-        fake = peer(sock_path, auto_ack=False)
+        fake = fake_peer(sock_path, auto_ack=False)
         fake.start()
         try:
             # the snapshot's first Add is never acked: the server gives up and closes, the fake reconnects
@@ -403,14 +300,16 @@ def test_peer_that_never_acks_the_snapshot_is_dropped_then_recovers(
     run(body)
 
 
-def test_stuck_peer_does_not_block_del_to_a_healthy_one(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_stuck_peer_does_not_block_del_to_a_healthy_one(
+    sock_path: str, netns: NetnsFactory
+) -> None:
     a = netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, ack_timeout=0.3, accept_interval=0.01)
         await server.start_accepting()
-        good, stuck = peer(sock_path), peer(sock_path)
+        good, stuck = fake_peer(sock_path), fake_peer(sock_path)
         good.start()
         await until(good, lambda z: z.snapshots == 1)
         stuck.start()
@@ -442,17 +341,19 @@ def test_stuck_peer_does_not_block_del_to_a_healthy_one(sock_path: str, netns: C
 # ---- a peer that sends garbage ---------------------------------------------------------------------
 
 
-def test_garbage_reply_drops_that_peer_and_add_falls_back(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_garbage_reply_drops_that_peer_and_add_falls_back(
+    sock_path: str, netns: NetnsFactory
+) -> None:
     a, b = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01)
         await server.start_accepting()
-        good = peer(sock_path)
+        good = fake_peer(sock_path)
         good.start()
         await until(good, lambda z: z.snapshots == 1)
-        bad = peer(sock_path)
+        bad = fake_peer(sock_path)
         bad.start()
         try:
             await until(bad, lambda z: z.snapshots == 1)
@@ -481,15 +382,15 @@ def test_garbage_reply_drops_that_peer_and_add_falls_back(sock_path: str, netns:
 
 
 def test_garbage_from_the_only_peer_is_reported_and_it_recovers(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     a = netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01)
         await server.start_accepting()
-        fake = peer(sock_path)
+        fake = fake_peer(sock_path)
         fake.start()
         try:
             await until(fake, lambda z: z.snapshots == 1)
@@ -508,14 +409,14 @@ def test_garbage_from_the_only_peer_is_reported_and_it_recovers(
     run(body)
 
 
-def test_unsolicited_garbage_drops_that_peer_only(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_unsolicited_garbage_drops_that_peer_only(sock_path: str, netns: NetnsFactory) -> None:
     a = netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, keepalive_idle=0.2, accept_interval=0.01)
         await server.start_accepting()
-        good = peer(sock_path)
+        good = fake_peer(sock_path)
         good.start()
         await until(good, lambda z: z.snapshots == 1)
         try:
@@ -556,7 +457,7 @@ def test_unsolicited_data_from_fake_peer_is_a_protocol_violation(sock_path: str)
     async def body() -> None:
         server = ZdsServer(sock_path, list, keepalive_idle=0.2, accept_interval=0.01)
         await server.start_accepting()
-        fake = peer(sock_path)
+        fake = fake_peer(sock_path)
         fake.start()
         try:
             await until(fake, lambda z: z.snapshots == 1)
@@ -575,13 +476,13 @@ def test_unsolicited_data_from_fake_peer_is_a_protocol_violation(sock_path: str)
 # ---- size limits at the server ---------------------------------------------------------------------
 
 
-def test_name_of_253_fits_and_254_is_refused(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_name_of_253_fits_and_254_is_refused(sock_path: str, netns: NetnsFactory) -> None:
     a = netns()
 
     async def body() -> None:
         server = ZdsServer(sock_path, list, accept_interval=0.01)
         await server.start_accepting()
-        fake = peer(sock_path)
+        fake = fake_peer(sock_path)
         fake.start()
         try:
             await until(fake, lambda z: z.snapshots == 1)
@@ -616,18 +517,18 @@ def test_name_of_253_fits_and_254_is_refused(sock_path: str, netns: Callable[[],
 
 
 def test_cancelled_request_drops_the_connection_instead_of_wedging_it(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     """A caller cancelled while waiting for an ack must not leave the connection with a request
     outstanding forever (every later Add/Del would fail); the connection is closed and ztunnel
     reconnects into a full snapshot."""
     a, b = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01)
         await server.start_accepting()
-        fake = peer(sock_path)
+        fake = fake_peer(sock_path)
         fake.start()
         try:
             await settle(fake, cache)
@@ -652,14 +553,14 @@ def test_cancelled_request_drops_the_connection_instead_of_wedging_it(
 
 
 def test_older_peer_still_in_its_snapshot_is_caught_up_when_the_newest_dies(
-    sock_path: str, netns: Callable[[], Netns]
+    sock_path: str, netns: NetnsFactory
 ) -> None:
     """Old ztunnel's snapshot was read before pod P existed; P's Add went to the newest ztunnel,
     which then died while the old one was still acking its snapshot: the old one must get P."""
     import threading
 
     a, pod = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
     cache.put("a", a.fd)
     release = threading.Event()
 
@@ -670,8 +571,8 @@ def test_older_peer_still_in_its_snapshot_is_caught_up_when_the_newest_dies(
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot, accept_interval=0.01, keepalive_idle=0.1)
         await server.start_accepting()
-        old = peer(sock_path, raw_reply=hold_snapshot)  # connects first, acks its snapshot slowly
-        newest = peer(sock_path)
+        old = fake_peer(sock_path, raw_reply=hold_snapshot)  # connects first, acks its snapshot slowly
+        newest = fake_peer(sock_path)
         old.start()
         try:
             await eventually(lambda: any(isinstance(r, AddRequest) for r in old.requests))

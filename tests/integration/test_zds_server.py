@@ -8,119 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import socket
-import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cni_agent.testing.netns import NetnsFactory
+from cni_agent.testing.zdsharness import (
+    PodCache,
+    RawAgent,
+    RecordingListeners,
+    eventually,
+    fake_peer,
+    info,
+    run,
+    until,
+)
 from cni_agent.testing.ztunnel import FakeZtunnel
 from cni_agent.zds import protocol as p
-from cni_agent.zds.protocol import DelRequest, KeepRequest, WorkloadInfo, ZdsError
-from cni_agent.zds.server import SnapshotEntry, ZdsServer
+from cni_agent.zds.protocol import DelRequest, KeepRequest, ZdsError
+from cni_agent.zds.server import ZdsServer
 
 pytestmark = pytest.mark.root
 
 
-class Netns:
-    """A test-created network namespace and an O_RDONLY|O_CLOEXEC fd to it (what the pod cache holds)."""
-
-    def __init__(self) -> None:
-        self.name = f"zdst-{secrets.token_hex(4)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        self.identity = (st.st_dev, st.st_ino)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[], Netns]]:
-    made: list[Netns] = []
-
-    def make() -> Netns:
-        ns = Netns()
-        made.append(ns)
-        return ns
-
-    yield make
-    for ns in made:
-        ns.close()
-
-
-class RecordingListeners:
-    """Trivial listener factory: proves which netns fd a proxy was started with, binds nothing."""
-
-    def __init__(self, fd: int) -> None:
-        st = os.fstat(fd)
-        self.netns = (st.st_dev, st.st_ino)
-        self.started = 0
-        self.stopped = 0
-
-    def start(self) -> None:
-        self.started += 1
-
-    def stop(self) -> None:
-        self.stopped += 1
-
-
-def info(uid: str) -> WorkloadInfo:
-    return WorkloadInfo(f"pod-{uid}", "default", "sa")
-
-
-class Cache:
-    """The agent's pod cache as far as ZDS cares: uid -> (info, netns fd or None)."""
-
-    def __init__(self) -> None:
-        self.pods: dict[str, tuple[WorkloadInfo, int | None]] = {}
-
-    def put(self, uid: str, fd: int | None) -> None:
-        self.pods[uid] = (info(uid), fd)
-
-    def snapshot(self) -> list[SnapshotEntry]:
-        return [SnapshotEntry(uid, i, fd) for uid, (i, fd) in self.pods.items()]
-
-    def with_fds(self) -> set[str]:
-        return {uid for uid, (_, fd) in self.pods.items() if fd is not None}
-
-
 def fake_for(path: str, **kw: Any) -> FakeZtunnel:
-    kw.setdefault("listener_factory", RecordingListeners)
     kw.setdefault("max_backoff", 0.1)
-    return FakeZtunnel(path, **kw)
+    return fake_peer(path, **kw)
 
 
-async def until(fake: FakeZtunnel, pred: Callable[[FakeZtunnel], bool], timeout: float = 5.0) -> None:
-    await asyncio.to_thread(fake.wait_until, pred, timeout)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 60))
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "run" / "ztunnel" / "ztunnel.sock")  # parent dirs do not exist yet
-
-
-def test_snapshot_then_live_add_and_del(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_snapshot_then_live_add_and_del(sock_path: str, netns: NetnsFactory) -> None:
     a, b, c = netns(), netns(), netns()
-    cache = Cache()
+    cache = PodCache()
     cache.put("a", a.fd)
     cache.put("b", b.fd)
     counts: list[int] = []
@@ -163,11 +84,11 @@ def test_snapshot_then_live_add_and_del(sock_path: str, netns: Callable[[], Netn
     run(body)
 
 
-def test_reconnect_resends_full_snapshot_and_reconciles(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_reconnect_resends_full_snapshot_and_reconciles(sock_path: str, netns: NetnsFactory) -> None:
     """Peer reconnects (running set survives): snapshot Adds are no-ops on the same netns, Keep shields,
     unnamed proxies are drained; after a full restart the running set equals the agent's set again."""
     a, b, c = netns(), netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot)
@@ -214,9 +135,9 @@ def test_reconnect_resends_full_snapshot_and_reconciles(sock_path: str, netns: C
     run(body)
 
 
-def test_add_to_replaced_netns_restarts_proxy(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_add_to_replaced_netns_restarts_proxy(sock_path: str, netns: NetnsFactory) -> None:
     a1, a2 = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
 
     async def body() -> None:
         server = ZdsServer(sock_path, cache.snapshot)
@@ -239,7 +160,7 @@ def test_add_to_replaced_netns_restarts_proxy(sock_path: str, netns: Callable[[]
     run(body)
 
 
-def test_no_ztunnel_is_retryable(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_no_ztunnel_is_retryable(sock_path: str, netns: NetnsFactory) -> None:
     a = netns()
 
     async def body() -> None:
@@ -259,7 +180,7 @@ def test_no_ztunnel_is_retryable(sock_path: str, netns: Callable[[], Netns]) -> 
     run(body)
 
 
-def test_peer_that_never_acks_times_out_and_is_dropped(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_peer_that_never_acks_times_out_and_is_dropped(sock_path: str, netns: NetnsFactory) -> None:
     a = netns()
 
     async def body() -> None:
@@ -289,7 +210,7 @@ def test_peer_that_never_acks_times_out_and_is_dropped(sock_path: str, netns: Ca
     run(body)
 
 
-def test_nack_text_is_surfaced(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_nack_text_is_surfaced(sock_path: str, netns: NetnsFactory) -> None:
     a, b = netns(), netns()
 
     def refusing_factory(fd: int) -> RecordingListeners:
@@ -325,7 +246,7 @@ def test_nack_text_is_surfaced(sock_path: str, netns: Callable[[], Netns]) -> No
     run(body)
 
 
-def test_add_goes_to_newest_del_to_all_with_fallback(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_add_goes_to_newest_del_to_all_with_fallback(sock_path: str, netns: NetnsFactory) -> None:
     """Two ztunnels (an upgrade): Add to the newest only, Del to both; newest gone -> previous."""
     a, b = netns(), netns()
 
@@ -430,16 +351,16 @@ def test_hello_deadline_and_accept_rate_limit(sock_path: str) -> None:
     run(body)
 
 
-def _open_fds() -> int:
+def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_fd_count_stable_over_1000_cycles(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_fd_count_stable_over_1000_cycles(sock_path: str, netns: NetnsFactory) -> None:
     """1000 add/remove cycles, each with a pod-cache-owned netns fd opened for the pod and closed when
     the pod is forgotten, plus reconnects (snapshots dup too): /proc/self/fd ends where it started.
     The fake runs in this process, so a netns fd it fails to close would show up here as well."""
     a, b = netns(), netns()
-    cache = Cache()
+    cache = PodCache()
     cache.put("keep", a.fd)
 
     async def body() -> None:
@@ -451,7 +372,7 @@ def test_fd_count_stable_over_1000_cycles(sock_path: str, netns: Callable[[], Ne
             await until(fake, lambda z: z.snapshots == 1)
             # a first request waits for the snapshot to finish (and its dup()s to be closed)
             await server.del_workload("none")
-            before = _open_fds()
+            before = fd_count()
             for i in range(1000):
                 uid = f"pod-{i}"
                 fd = os.open(f"/var/run/netns/{(b if i % 2 else a).name}", os.O_RDONLY | os.O_CLOEXEC)
@@ -467,7 +388,7 @@ def test_fd_count_stable_over_1000_cycles(sock_path: str, netns: Callable[[], Ne
                 await server.del_workload(uid)
                 os.close(fd)  # forgotten: closed exactly now
             assert fake.running_uids() == {"keep"}
-            assert _open_fds() == before
+            assert fd_count() == before
         finally:
             await asyncio.to_thread(fake.stop)
             await server.close()
@@ -475,41 +396,7 @@ def test_fd_count_stable_over_1000_cycles(sock_path: str, netns: Callable[[], Ne
     run(body)
 
 
-class RawAgent:
-    """A hand-driven server end, to check FakeZtunnel's reactions to odd input (zds.md §6)."""
-
-    def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.listener.settimeout(5)
-        self.conn: socket.socket | None = None
-
-    def accept(self) -> socket.socket:
-        if self.conn is not None:
-            self.conn.close()
-        conn, _ = self.listener.accept()
-        conn.settimeout(5)
-        assert conn.recv(1024) == bytes.fromhex("0801")
-        self.conn = conn
-        return conn
-
-    def request(self, payload: bytes, fds: list[int] | None = None) -> str:
-        assert self.conn is not None
-        if fds:
-            socket.send_fds(self.conn, [payload], fds)
-        else:
-            self.conn.send(payload)
-        return p.decode_ack(self.conn.recv(65536))
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
-
-
-def test_fake_ztunnel_reactions(sock_path: str, netns: Callable[[], Netns]) -> None:
+def test_fake_ztunnel_reactions(sock_path: str, netns: NetnsFactory) -> None:
     a = netns()
     agent = RawAgent(sock_path)
     fake = fake_for(sock_path)

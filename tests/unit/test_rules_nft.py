@@ -23,96 +23,14 @@ from cni_agent.redirect.rules import (
     render_nft,
     render_nft_delete,
 )
-
-BLOCK_F = """\
-add table inet istio-ambient-nat
-flush table inet istio-ambient-nat
-add chain inet istio-ambient-nat prerouting { type nat hook prerouting priority -100 ; }
-add chain inet istio-ambient-nat output { type nat hook output priority -100 ; }
-add chain inet istio-ambient-nat istio-prerouting
-add chain inet istio-ambient-nat istio-output
-add rule inet istio-ambient-nat output jump istio-output
-add rule inet istio-ambient-nat prerouting jump istio-prerouting
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-output oifname != lo mark and 0xfff != 0x539 udp dport 53 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1/32 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-add table inet istio-ambient-mangle
-flush table inet istio-ambient-mangle
-add chain inet istio-ambient-mangle prerouting { type filter hook prerouting priority -150 ; }
-add chain inet istio-ambient-mangle output { type route hook output priority -150 ; }
-add chain inet istio-ambient-mangle istio-prerouting
-add chain inet istio-ambient-mangle istio-output
-add rule inet istio-ambient-mangle prerouting jump istio-prerouting
-add rule inet istio-ambient-mangle output jump istio-output
-add rule inet istio-ambient-mangle istio-prerouting meta mark & 0xfff == 0x539 counter ct mark set ct mark & 0xfffff000 | 0x111
-add rule inet istio-ambient-mangle istio-output ct mark and 0xfff == 0x111 counter meta mark set ct mark
-add table inet istio-ambient-raw
-flush table inet istio-ambient-raw
-add chain inet istio-ambient-raw prerouting { type filter hook prerouting priority -300 ; }
-add chain inet istio-ambient-raw output { type filter hook output priority -300 ; }
-add chain inet istio-ambient-raw istio-prerouting
-add chain inet istio-ambient-raw istio-output
-add rule inet istio-ambient-raw prerouting jump istio-prerouting
-add rule inet istio-ambient-raw output jump istio-output
-add rule inet istio-ambient-raw istio-output udp dport 53 meta mark and 0xfff == 0x539 counter ct zone set 1
-add rule inet istio-ambient-raw istio-prerouting udp sport 53 meta mark and 0xfff != 0x539 counter ct zone set 1
-"""
-
-BLOCK_G_NAT_RULES = """\
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff counter accept
-add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-prerouting ip6 daddr != ::1/128 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-output oifname != lo mark and 0xfff != 0x539 udp dport 53 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output ip daddr != 127.0.0.1/32 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output ip6 daddr != ::1/128 tcp dport 53 mark and 0xfff != 0x539 counter redirect to :15053
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip6 daddr != ::1/128 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip6 daddr != ::1/128 mark and 0xfff != 0x539 counter redirect to :15001
-"""
-
-BLOCK_H_NAT_RULES = """\
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-"""
-
-BLOCK_I_NAT_RULES = """\
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-"""
-
-BLOCK_J_NAT_RULES = """\
-add rule inet istio-ambient-nat istio-prerouting iifname net1 meta l4proto tcp counter redirect to :15001
-add rule inet istio-ambient-nat istio-prerouting iifname net1 meta l4proto tcp counter return
-add rule inet istio-ambient-nat istio-prerouting iifname net2 meta l4proto tcp counter redirect to :15001
-add rule inet istio-ambient-nat istio-prerouting iifname net2 meta l4proto tcp counter return
-add rule inet istio-ambient-nat istio-prerouting meta l4proto tcp ip saddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr 169.254.7.127 counter accept
-add rule inet istio-ambient-nat istio-prerouting ip daddr != 127.0.0.1/32 tcp dport != 15008 mark and 0xfff != 0x539 counter redirect to :15006
-add rule inet istio-ambient-nat istio-output meta l4proto tcp mark and 0xfff == 0x111 counter accept
-add rule inet istio-ambient-nat istio-output oifname lo ip daddr != 127.0.0.1/32 counter accept
-add rule inet istio-ambient-nat istio-output meta l4proto tcp ip daddr != 127.0.0.1/32 mark and 0xfff != 0x539 counter redirect to :15001
-"""
-
-RAW_LEFTOVER_DELETE = """\
-add table inet istio-ambient-raw
-delete table inet istio-ambient-raw
-"""
+from cni_agent.testing.specblocks import (
+    BLOCK_F,
+    BLOCK_G_NAT_RULES,
+    BLOCK_H_NAT_RULES,
+    BLOCK_I_NAT_RULES,
+    BLOCK_J_NAT_RULES,
+    RAW_LEFTOVER_DELETE,
+)
 
 
 def _norm(text: str) -> list[str]:
