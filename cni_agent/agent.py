@@ -166,30 +166,31 @@ class Agent:
             await self._remove(uid, pod_deleted=True)
 
     async def cni_check(self, req: CniRequest) -> None:
-        uid = self._uid_for(req)
-        entry = self.cache.get(uid) if uid else None
-        if entry is None:
-            pod = pod_from_request(req, self.settings)
-            if not self._decide(pod, req).enroll:
-                return
-            raise CniError(
-                CODE_TRY_AGAIN, f"pod {pod.ref} is not enrolled", "the agent has no record of this pod"
-            )
-        if entry.netns_fd is None or not await self.dataplane.verify(
-            entry.netns_fd, self._rule_settings(entry.pod)
-        ):
-            raise CniError(
-                CODE_TRY_AGAIN,
-                f"pod {entry.pod.ref}: redirect rules missing or different",
-                "the agent will re-apply them; check `cni-agent inspect`",
-            )
-        st = self.status.get(entry.pod.uid)
-        if st is None or not st.ztunnel_acked:
-            raise CniError(
-                CODE_TRY_AGAIN,
-                f"pod {entry.pod.ref}: ztunnel has not acknowledged it",
-                st.last_error if st else "",
-            )
+        uid = self._uid_for(req) or ""
+        async with self._pod_lock(uid):  # a concurrent DEL must not close the fd under verify
+            entry = self.cache.get(uid) if uid else None
+            if entry is None:
+                pod = pod_from_request(req, self.settings)
+                if not self._decide(pod, req).enroll:
+                    return
+                raise CniError(
+                    CODE_TRY_AGAIN, f"pod {pod.ref} is not enrolled", "the agent has no record of this pod"
+                )
+            if entry.netns_fd is None or not await self.dataplane.verify(
+                entry.netns_fd, self._rule_settings(entry.pod)
+            ):
+                raise CniError(
+                    CODE_TRY_AGAIN,
+                    f"pod {entry.pod.ref}: redirect rules missing or different",
+                    "restarting the agent re-applies every enrolled pod's rules; see `cni-agent inspect`",
+                )
+            st = self.status.get(entry.pod.uid)
+            if st is None or not st.ztunnel_acked:
+                raise CniError(
+                    CODE_TRY_AGAIN,
+                    f"pod {entry.pod.ref}: ztunnel has not acknowledged it",
+                    st.last_error if st else "",
+                )
 
     async def cni_status(self) -> None:
         if not self.ready:
