@@ -25,7 +25,7 @@ from cni_agent.pods.netnspath import NetnsPathError, host_netns_path
 from cni_agent.pods.policy import Decision, local_decision
 from cni_agent.redirect.dataplane import Dataplane, DataplaneError
 from cni_agent.redirect.hostprobe import DisabledHostProbe, HostProbe
-from cni_agent.redirect.netns import open_netns
+from cni_agent.redirect.netns import netns_identity, open_netns
 from cni_agent.redirect.rules import RuleSettings, settings_from_annotations
 from cni_agent.zds.protocol import WorkloadInfo, ZdsError
 from cni_agent.zds.server import SnapshotEntry
@@ -71,6 +71,7 @@ class Agent:
     status: dict[str, PodStatus] = field(default_factory=dict)
     ready: bool = False
     _locks: dict[str, tuple[asyncio.Lock, list[int]]] = field(default_factory=dict)
+    _host_ids: set[tuple[int, int]] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class Agent:
                     error=exc.msg,
                 )
                 continue
-            if saved_id is not None and _identity(fd) != saved_id:
+            if saved_id is not None and netns_identity(fd) != saved_id:
                 # the path now names another namespace (e.g. a reused /proc/<pid>): never touch it
                 os.close(fd)
                 log.info(
@@ -150,7 +151,7 @@ class Agent:
     # ---- CNI handler (cni_agent.cni.server.CniHandler) ---------------------------------------
 
     async def cni_add(self, req: CniRequest) -> None:
-        pod = pod_from_request(req, self.settings)
+        pod = pod_from_request(req)
         decision = self._decide(pod, req)
         if not decision.enroll:
             log.info("pod not enrolled", pod=str(pod.ref), reason=decision.reason)
@@ -170,7 +171,7 @@ class Agent:
         async with self._pod_lock(uid):  # a concurrent DEL must not close the fd under verify
             entry = self.cache.get(uid) if uid else None
             if entry is None:
-                pod = pod_from_request(req, self.settings)
+                pod = pod_from_request(req)
                 if not self._decide(pod, req).enroll:
                     return
                 raise CniError(
@@ -377,7 +378,7 @@ class Agent:
                 f"pod {pod.ref}: cannot open netns {pod.netns_path}: {exc}",
                 "CNI_NETNS must name the pod's network namespace",
             ) from exc
-        if _identity(fd) in self._host_netns_ids():
+        if netns_identity(fd) in self._host_netns_ids():
             os.close(fd)
             raise CniError(
                 CODE_INVALID_CONFIG,
@@ -387,17 +388,20 @@ class Agent:
         return fd
 
     def _host_netns_ids(self) -> set[tuple[int, int]]:
-        ids = set()
-        for path in (f"{self.settings.host_proc}/1/ns/net", "/proc/self/ns/net", "/proc/1/ns/net"):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            ids.add((st.st_dev, st.st_ino))
-        return ids
+        """The host's and the agent's own netns; they do not change, so looked up once."""
+        if self._host_ids is None:
+            ids = set()
+            for path in (f"{self.settings.host_proc}/1/ns/net", "/proc/self/ns/net", "/proc/1/ns/net"):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                ids.add((st.st_dev, st.st_ino))
+            self._host_ids = ids
+        return self._host_ids
 
 
-def pod_from_request(req: CniRequest, settings: Settings) -> Pod:
+def pod_from_request(req: CniRequest) -> Pod:
     """Local mode identity: the K8S_POD_* args when present, otherwise the container id."""
     return Pod(
         uid=req.pod_uid or req.container_id,
@@ -407,11 +411,6 @@ def pod_from_request(req: CniRequest, settings: Settings) -> Pod:
         netns_path=req.netns,
         container_id=req.container_id,
     )
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
 
 
 def _workload_info(pod: Pod) -> WorkloadInfo:

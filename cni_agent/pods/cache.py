@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from cni_agent.pods.model import Pod
+from cni_agent.redirect.netns import netns_identity
 
 
 @dataclass(slots=True)
@@ -32,7 +33,7 @@ class PodCache:
         If the cached entry already points at the same netns, the new fd is closed and the old one
         kept (so ztunnel sees a stable netns); a different netns replaces and closes the old fd.
         """
-        new_id = _identity(netns_fd) if netns_fd is not None else None
+        new_id = netns_identity(netns_fd) if netns_fd is not None else None
         to_close: int | None = None
         with self._lock:
             entry = self._pods.get(pod.uid)
@@ -90,8 +91,3 @@ class PodCache:
         for entry in entries:
             if entry.netns_fd is not None:
                 os.close(entry.netns_fd)
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
