@@ -1,30 +1,37 @@
 """nftables backend: our `inet istio-ambient-*` tables, one atomic transaction per pod (spec §5, §7, §8).
 
 Runs INSIDE the pod netns on the NetnsWorker, like the iptables backend, with the same interface
-(`apply`, `matches`, `remove`). The transaction text/JSON is built purely in `rules.py`.
+(`apply`, `matches`, `remove`). The transaction text/JSON is built purely in `rules.py`, the
+fresh-pod netlink batch purely in `nftbatch.py`.
 
-Why libnftables in-process with JSON input, not `nft -j -f -` in a subprocess
-(measured on this 2-core Debian 12 VM, nftables 1.0.6, fresh pod netns, Block F rule set, medians;
-`python -m bench rules` measures both in the same run):
-  - libnftables, one JSON transaction incl. context creation and the table-name check: ~1.0-1.3 ms
-    (of which libnftables' parse/evaluate/commit of the transaction is ~0.9-1.0 ms)
-  - `nft -j -f -` forked from the worker thread (same transaction):                    ~6-8 ms
-  The kernel commit is the same either way; the subprocess only adds process start-up, which is most
-  of the per-pod budget (<= 1.5 ms). JSON rather than text because the input is data, not a language:
-  an interface name from an annotation can never change the command's meaning, and nft's JSON
-  listing is what `matches` compares against. Measured price of that choice: the same transaction
-  as `nft -f` text is ~0.25 ms faster in libnftables (jansson + JSON-to-command translation).
+Two ways to the same kernel state (measured on this 2-core Debian 12 VM, nftables 1.0.6, fresh pod
+netns, Block F rule set, medians; `python -m bench rules` measures all of them in the same run):
+  - fresh pod: the precompiled batch (`nftbatch`), one send on a raw netlink socket:    ~0.25 ms
+  - libnftables in-process, the same transaction as JSON:                             ~1.0-1.4 ms
+  - `nft -j -f -` forked from the worker thread:                                        ~6-8 ms
+The kernel's own work is ~0.2 ms of each. libnftables spends the rest parsing the JSON, fetching
+its cache (five netlink round trips), evaluating and linearizing rules that only differ between a
+handful of variants; the batch does that once per variant, and a test proves the kernel state it
+leaves byte-identical to libnftables' (tests/integration/test_nft_batch.py).
+
+libnftables' JSON API stays the authority for everything else: a netns that already holds our tables
+(reconcile), a variant the compiler does not support, a batch the kernel refused (libnftables retries
+and reports its own error), listings for `matches`, and delete. JSON rather than `nft -f` text
+because the input is data, not a language: an interface name from an annotation can never change a
+command's meaning, and nft's JSON listing is what `matches` compares against (text would be ~0.2 ms
+faster inside libnftables). Not `nft -j -f -`: process start-up alone is most of the per-pod budget.
 
 libnftables quirk: a context opens its netlink socket in `nft_ctx_new`, so it is bound to the netns of
 the thread that created it (a context made in the host netns and used after setns writes to the HOST).
 Every call therefore creates a fresh context inside the worker's current netns and drops it before
 returning; contexts are never cached or shared between namespaces.
 
-Apply strategy: read the table names first (one raw netlink dump, ~0.05 ms; see `inet_table_names`);
-nothing of ours (a fresh pod) → the spec transaction without its no-op `flush table`s. Ours present
-→ read them: identical → no-op (counters kept); only rules differ → the same spec transaction, which
-replaces every rule atomically; a shape `flush table` cannot repair (a stray chain or set, a base
-chain with another hook/priority) → one transaction that deletes and recreates our tables.
+Apply strategy: read the table names first (one raw netlink dump, ~0.03 ms; see `_Nfnl`). Nothing
+of ours (a fresh pod) → the precompiled batch, whose NLM_F_EXCL tables abort it if one appeared
+meanwhile. Ours present → read them through libnftables: identical → no-op (counters kept); only
+rules differ → the spec transaction, which replaces every rule atomically; a shape `flush table`
+cannot repair (a stray chain or set, a base chain with another hook/priority) → one transaction
+that deletes and recreates our tables.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import structlog
+
+from cni_agent.redirect.nftbatch import Batch, fresh_batch
 from cni_agent.redirect.rules import (
     NFT_BASE_CHAINS,
     NFT_FAMILY,
@@ -53,6 +63,8 @@ from cni_agent.redirect.rules import (
     nft_replace_json,
     nft_wanted_state,
 )
+
+log = structlog.get_logger(__name__)
 
 NAME = "nftables"
 _LIBNFTABLES = "libnftables.so.1"
@@ -214,29 +226,33 @@ def _table_name(buf: bytes, offset: int, end: int) -> str | None:
     return None
 
 
-def inet_table_names() -> set[str]:
-    """Names of the `inet` tables in the calling thread's netns, by one NFT_MSG_GETTABLE dump.
+class _Nfnl:
+    """One raw NETLINK_NETFILTER socket in the calling thread's netns: the table-name dump and the
+    pre-encoded fresh-pod batch (`nftbatch`), without libnftables. Use as a context manager."""
 
-    Why not libnftables: this is the per-pod "is anything of ours here?" check (before every apply,
-    and after every iptables-backend install, spec §10 requirement 3), and on a fresh pod the answer
-    is always "no". A plain NETLINK_NETFILTER socket answers in ~0.05 ms; a libnftables context
-    plus `list tables` costs ~0.15-0.4 ms. Raises NftRulesError when the kernel refuses (no
-    nf_tables); callers decide what that means.
-    """
-    names: set[str] = set()
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                           _NETLINK_NETFILTER) as sock:
-            sock.settimeout(_DUMP_TIMEOUT)
-            sock.bind((0, 0))
-            sock.send(_GETTABLE_INET)
+    def __init__(self) -> None:
+        try:
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                       _NETLINK_NETFILTER)
+            self._sock.settimeout(_DUMP_TIMEOUT)
+            self._sock.bind((0, 0))
+        except OSError as exc:
+            raise NftRulesError(f"netfilter netlink socket: {exc}") from exc
+
+    def __enter__(self) -> _Nfnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def table_names(self) -> set[str]:
+        """Names of the `inet` tables here, by one NFT_MSG_GETTABLE dump."""
+        names: set[str] = set()
+        try:
+            self._sock.send(_GETTABLE_INET)
             while True:
-                buf = sock.recv(65536)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(buf):
-                    length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                    if length < _NLMSGHDR.size:
-                        raise NftRulesError("malformed netlink reply to the nft table dump")
+                buf = self._sock.recv(65536)
+                for msg_type, offset, length in _messages(buf):
                     if msg_type == _NLMSG_DONE:
                         return names
                     if msg_type == _NLMSG_ERROR:
@@ -248,9 +264,55 @@ def inet_table_names() -> set[str]:
                         name = _table_name(buf, offset, offset + length)
                         if name is not None:
                             names.add(name)
-                    offset += (length + 3) & ~3
-    except OSError as exc:
-        raise NftRulesError(f"nft table dump failed: {exc}") from exc
+        except OSError as exc:
+            raise NftRulesError(f"nft table dump failed: {exc}") from exc
+
+    def commit(self, batch: Batch) -> None:
+        """Send the batch; return once the kernel acked its last message (it processes a batch
+        synchronously inside `send`, so the answer is already queued). Any error means the kernel
+        aborted the whole batch: nothing of it was applied."""
+        try:
+            self._sock.send(batch.data)
+            while True:
+                buf = self._sock.recv(65536)
+                for msg_type, offset, _length in _messages(buf):
+                    if msg_type != _NLMSG_ERROR:
+                        continue
+                    code, = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
+                    seq, = struct.unpack_from("=I", buf, offset + 8)
+                    if code != 0:
+                        raise NftRulesError(f"nft batch rejected at message {seq} of {batch.last_seq}: "
+                                            f"{os.strerror(-code)}")
+                    if seq == batch.last_seq:
+                        return
+        except OSError as exc:
+            raise NftRulesError(f"nft batch failed: {exc}") from exc
+
+
+def _messages(buf: bytes) -> list[tuple[int, int, int]]:
+    """(type, offset, length) of each netlink message in one datagram."""
+    out: list[tuple[int, int, int]] = []
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(buf):
+        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
+        if length < _NLMSGHDR.size:
+            raise NftRulesError("malformed netlink message from the kernel")
+        out.append((msg_type, offset, length))
+        offset += (length + 3) & ~3
+    return out
+
+
+def inet_table_names() -> set[str]:
+    """Names of the `inet` tables in the calling thread's netns, by one NFT_MSG_GETTABLE dump.
+
+    Why not libnftables: this is the per-pod "is anything of ours here?" check (before every apply,
+    and after every iptables-backend install, spec §10 requirement 3), and on a fresh pod the answer
+    is always "no". A plain NETLINK_NETFILTER socket answers in ~0.05 ms; a libnftables context
+    plus `list tables` costs ~0.15-0.4 ms. Raises NftRulesError when the kernel refuses (no
+    nf_tables); callers decide what that means.
+    """
+    with _Nfnl() as nl:
+        return nl.table_names()
 
 
 def _our_tables_here(mode: Mode, nft: _Nft | None) -> set[str]:
@@ -306,11 +368,36 @@ class NftablesBackend:
 
     name = NAME
 
-    def __init__(self, mode: Mode = "binding") -> None:
+    def __init__(self, mode: Mode = "binding", *, precompiled: bool = True) -> None:
         self._mode: Mode = mode
+        self._precompiled = precompiled and mode == "binding"
 
     def apply(self, rulesets: Sequence[RuleSet]) -> None:
         """Make our tables exactly the rule sets' content, in one transaction; no-op when already so."""
+        if self._precompiled and self._apply_fresh(tuple(rulesets)):
+            return
+        self._apply_json(rulesets)
+
+    def _apply_fresh(self, rulesets: tuple[RuleSet, ...]) -> bool:
+        """The hot path: none of our tables here -> commit the pre-encoded batch (`nftbatch`) on a
+        raw netlink socket, no libnftables context at all. False sends the caller down the JSON path:
+        our tables exist (reconcile), the variant is not precompilable, or the kernel refused the
+        batch (libnftables then retries the same content and reports the authoritative error)."""
+        batch = fresh_batch(rulesets)
+        if batch is None:
+            return False
+        try:
+            with _Nfnl() as nl:
+                if nl.table_names() & set(NFT_TABLES):
+                    return False
+                nl.commit(batch)
+        except NftRulesError as exc:
+            log.warning("precompiled nft batch not applied; using libnftables", error=str(exc))
+            return False
+        return True
+
+    def _apply_json(self, rulesets: Sequence[RuleSet]) -> None:
+        """libnftables' JSON transaction: fresh, flush-and-refill, or delete-and-recreate."""
         with _Nft(self._mode) as nft:
             present = _our_tables_here(self._mode, nft)
             doc: dict[str, Any] | str = _apply_text(tuple(rulesets), not present)

@@ -134,17 +134,24 @@ def test_variants_equal_text_form(
 
 
 class _TxCounter:
-    """Counts write transactions sent by the backend (wraps the real `_Nft.run`)."""
+    """Counts write transactions sent by the backend: libnftables runs (`_Nft.run`, by their name) and
+    precompiled fresh-pod batches (`_Nfnl.commit`, as "batch")."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
         real = nft_mod._Nft.run
+        real_commit = nft_mod._Nfnl.commit
 
         def run(inner: Any, doc: dict[str, Any], what: str) -> str:
             self.calls.append(what)
             return real(inner, doc, what)
 
+        def commit(inner: Any, batch: Any) -> None:
+            self.calls.append("batch")
+            real_commit(inner, batch)
+
         monkeypatch.setattr(nft_mod._Nft, "run", run)
+        monkeypatch.setattr(nft_mod._Nfnl, "commit", commit)
 
 
 def _rule_handles(ns: TestNetns, table: str, chain: str) -> list[tuple[int, str]]:
@@ -166,9 +173,9 @@ def test_idempotent_drift_repair_atomic(
     want = per_table(listing(ref))
     tx = _TxCounter(monkeypatch)
 
-    apply(worker, ours, rulesets)
+    apply(worker, ours, rulesets)  # fresh pod: the precompiled batch
     apply(worker, ours, rulesets)  # second apply: exact match → no write at all
-    assert tx.calls == ["apply"]
+    assert tx.calls == ["batch"]
     assert per_table(listing(ours)) == want
     assert sum(len(v) for v in want.values()) == len(listing(ours))  # one copy of everything
 
