@@ -58,11 +58,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         lambda: agent.snapshot() if agent else [],
         on_change=metrics.ztunnel_connected.set,
     )
-    dataplane = KernelDataplane(worker, backend=backend.name, ipv6=settings.ipv6)
+    dataplane = KernelDataplane(worker, backend=backend.name, ipv6=settings.ipv6,
+                                probe_snat=settings.probe_snat)
     probe = make_host_probe(
         backend.name,
         worker,
-        HostProbeConfig(enabled=settings.host_probe, ipv6=settings.ipv6, proc_root=str(settings.host_proc)),
+        HostProbeConfig(enabled=settings.host_probe, ipv6=settings.ipv6, proc_root=str(settings.host_proc),
+                        snat_ipv4=settings.probe_snat_ipv4, snat_ipv6=settings.probe_snat_ipv6),
     )
     agent = Agent(settings, dataplane, zds, LocalRegistry(settings.local_registry), probe=probe)
     plugin = PluginServer(str(settings.plugin_socket), agent)
@@ -168,7 +170,9 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     worker = NetnsWorker()
     try:
         probe = make_host_probe(
-            backend, worker, HostProbeConfig(ipv6=settings.ipv6, proc_root=str(settings.host_proc))
+            backend, worker, HostProbeConfig(ipv6=settings.ipv6, proc_root=str(settings.host_proc),
+                                             snat_ipv4=settings.probe_snat_ipv4,
+                                             snat_ipv6=settings.probe_snat_ipv6)
         )
         probe.uninstall()
     finally:

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cni_agent.redirect.rules import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6, check_probe_snat
+
 ENV_PREFIX = "CNI_AGENT_"
 POD_SOURCES = ("kubernetes", "local")
 RULES_BACKENDS = ("auto", "iptables-legacy", "nftables")
@@ -66,6 +68,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
         "prefix for host netns paths when the agent runs in a container (e.g. /host)",
     ),
     Option("--host-probe", "true", "SNAT kubelet probes to enrolled pods (host rule + probe address set)"),
+    Option("--probe-snat-ipv4", PROBE_SNAT_IPV4,
+           "source address kubelet probes are SNATed to; pods accept it (network policies must admit it)"),
+    Option("--probe-snat-ipv6", PROBE_SNAT_IPV6, "the same for IPv6"),
 )
 
 
@@ -89,6 +94,12 @@ class Settings:
     ipv6: bool = True
     netns_host_prefix: str = ""
     host_probe: bool = True
+    probe_snat_ipv4: str = PROBE_SNAT_IPV4
+    probe_snat_ipv6: str = PROBE_SNAT_IPV6
+
+    @property
+    def probe_snat(self) -> dict[int, str]:
+        return {4: self.probe_snat_ipv4, 6: self.probe_snat_ipv6}
 
     @property
     def plugin_socket(self) -> Path:
@@ -147,6 +158,13 @@ def _path(opt: Option, raw: str) -> Path:
     return Path(raw)
 
 
+def _probe_snat(opt: Option, raw: str, family: int) -> str:
+    try:
+        return check_probe_snat(raw, family)
+    except ValueError as exc:
+        raise ConfigError(f"{opt.flag} / {opt.env}: {exc}") from None
+
+
 def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flag > env > default, then validate every value once, with messages that name the knob."""
     env = os.environ if environ is None else environ
@@ -178,6 +196,8 @@ def resolve(args: argparse.Namespace | None = None, environ: Mapping[str, str] |
         ipv6=_bool(by["ipv6"], raw["ipv6"]),
         netns_host_prefix=raw["netns_host_prefix"].rstrip("/"),
         host_probe=_bool(by["host_probe"], raw["host_probe"]),
+        probe_snat_ipv4=_probe_snat(by["probe_snat_ipv4"], raw["probe_snat_ipv4"], 4),
+        probe_snat_ipv6=_probe_snat(by["probe_snat_ipv6"], raw["probe_snat_ipv6"], 6),
     )
 
 

@@ -17,7 +17,7 @@ iptables-backend pod's budget after the rules themselves).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from pyroute2 import NetlinkError
@@ -26,7 +26,7 @@ from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, iptc_sess
 from cni_agent.redirect.netns import NetnsError, NetnsWorker, netns_identity
 from cni_agent.redirect.nft import NftablesBackend, NftRulesError
 from cni_agent.redirect.routes import RoutesError, apply_routes, remove_routes, routes_present
-from cni_agent.redirect.rules import OUR_CHAINS, RuleSet, RuleSettings, build_ruleset
+from cni_agent.redirect.rules import OUR_CHAINS, RuleSet, RuleSettings, build_ruleset, check_probe_snat
 
 T = TypeVar("T")
 
@@ -151,10 +151,13 @@ class KernelDataplane:
     """Real kernel implementation: every step runs on the NetnsWorker inside the pod netns."""
 
     def __init__(self, worker: NetnsWorker, *, backend: str = IptablesLegacyBackend.name,
-                 ipv6: bool = False) -> None:
+                 ipv6: bool = False, probe_snat: Mapping[int, str] | None = None) -> None:
+        """`probe_snat`: the node's probe SNAT source per family ({4: ..., 6: ...}); the spec's
+        addresses where missing. Pods accept connections from it (spec §4 rows 9-10)."""
         self._worker = worker
         self._ipv6 = ipv6
         self._backend = make_backend(backend)
+        self._probe_snat = {f: check_probe_snat(a, f) for f, a in (probe_snat or {}).items()}
 
     @property
     def backend_name(self) -> str:
@@ -165,7 +168,7 @@ class KernelDataplane:
 
     def rulesets(self, settings: RuleSettings) -> list[RuleSet]:
         """The rule sets this dataplane installs for a pod (v4, plus v6 when enabled)."""
-        return [build_ruleset(settings, family) for family in self._families()]
+        return [build_ruleset(settings, family, self._probe_snat.get(family)) for family in self._families()]
 
     async def install(self, netns_fd: int, settings: RuleSettings) -> None:
         steps = install_steps(self._backend, self.rulesets(settings), self._ipv6)

@@ -8,6 +8,7 @@ translate the same tuples. Nothing here touches the system.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,8 +94,27 @@ def loopback_cidr(family: int) -> str:
 
 
 def probe_snat_address(family: int) -> str:
-    """The link-local (v4) / ULA (v6) source the host SNATs kubelet probes to."""
+    """The default link-local (v4) / ULA (v6) source the host SNATs kubelet probes to."""
     return PROBE_SNAT_IPV4 if _check_family(family) == 4 else PROBE_SNAT_IPV6
+
+
+def check_probe_snat(address: str, family: int) -> str:
+    """A usable probe SNAT source for `family`, in canonical text; ValueError says why not.
+
+    Configurable (spec agent-behaviour §15.8): it appears in the host SNAT rule and in every pod's
+    accept rules, so it must be one unicast address of the right family that no pod or node owns.
+    """
+    try:
+        addr = ipaddress.ip_address(address.strip())
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address") from None
+    if addr.version != _check_family(family):
+        raise ValueError(f"{address!r} is not an IPv{family} address")
+    if addr.is_unspecified or addr.is_loopback or addr.is_multicast or (family == 4 and addr.is_reserved):
+        raise ValueError(f"{address!r} cannot be a probe source (unspecified, loopback, multicast, reserved)")
+    if isinstance(addr, ipaddress.IPv6Address) and (addr.scope_id or addr.ipv4_mapped):
+        raise ValueError(f"{address!r}: use a plain IPv6 address (no zone, not v4-mapped)")
+    return str(addr)
 
 
 def _check_family(family: int) -> int:
@@ -244,11 +264,14 @@ class RuleSet:
         return tuple(r for r in self.rules if r.table == table and r.chain == chain)
 
 
-def build_ruleset(settings: RuleSettings, family: int = 4) -> RuleSet:
-    """Generate the rules of spec §4 in its row order; conditions decide which rows appear."""
+def build_ruleset(settings: RuleSettings, family: int = 4, probe_snat: str | None = None) -> RuleSet:
+    """Generate the rules of spec §4 in its row order; conditions decide which rows appear.
+
+    `probe_snat`: the node's probe SNAT source for this family (default: the spec's address).
+    """
     _check_family(family)
     lo = loopback_cidr(family)
-    snat = probe_snat_address(family)
+    snat = probe_snat_address(family) if probe_snat is None else check_probe_snat(probe_snat, family)
     dns = settings.dns_capture
     bypass = settings.bypass_inbound
     not_ztunnel = ("-m", "mark", "!", "--mark", ZTUNNEL_MARK_SPEC)
@@ -474,13 +497,16 @@ def _p_connmark_match() -> _Part:
             _match("==", {"&": [_ct("mark"), MARK_MASK]}, CONNMARK))
 
 
+def _option(rule: Rule, flag: str) -> str:
+    return rule.spec[rule.spec.index(flag) + 1]
+
+
 _FAMILY_SPECIFIC_ROWS = frozenset({9, 10, 11, 14, 18, 19})
 
 
 def _nft_parts(rule: Rule, family: int) -> tuple[_Part, ...]:
     """The nft statements for one §4 row (spec §5 Blocks F-J), for `family` where it matters."""
     lo = loopback_cidr(family)
-    snat = probe_snat_address(family)
     row = rule.row
     if 1 <= row <= 6:
         target = rule.jump_target
@@ -497,8 +523,9 @@ def _nft_parts(rule: Rule, family: int) -> tuple[_Part, ...]:
 
     rows: dict[int, Callable[[], tuple[_Part, ...]]] = {  # lazily: only the asked-for row is built
         8: lambda: (_p_mark("meta mark &", ZTUNNEL_MARK, negate=False), _p_counter(), _p_set_connmark()),
-        9: lambda: (_p_tcp(), _p_addr(family, "saddr", snat), _p_counter(), _p_accept()),
-        10: lambda: (_p_tcp(), _p_addr(family, "daddr", snat), _p_counter(), _p_accept()),
+        # the probe SNAT address is the node's setting: take it from the rule itself
+        9: lambda: (_p_tcp(), _p_addr(family, "saddr", _option(rule, "-s")), _p_counter(), _p_accept()),
+        10: lambda: (_p_tcp(), _p_addr(family, "daddr", _option(rule, "-d")), _p_counter(), _p_accept()),
         11: lambda: (_p_addr(family, "daddr", lo, negate=True),
                      _p_port("tcp", "dport", INBOUND_HBONE_PORT, negate=True), not_ztunnel(),
                      _p_counter(), _p_redirect(INBOUND_PLAINTEXT_PORT)),
@@ -530,17 +557,18 @@ def nft_rules(rulesets: Sequence[RuleSet]) -> tuple[NftRule, ...]:
     """
     if not rulesets:
         raise ValueError("no rule sets")
-    families = tuple(dict.fromkeys(rs.family for rs in rulesets))
+    by_family = {rs.family: rs for rs in rulesets}  # first rule set of each family
     first = rulesets[0]
     shape = [(r.row, r.table, r.chain) for r in first.rules]
     for rs in rulesets[1:]:
         if [(r.row, r.table, r.chain) for r in rs.rules] != shape:
             raise ValueError("rule sets of different settings cannot be merged into one inet table")
     out: list[NftRule] = []
-    for rule in first.rules:
+    for i, rule in enumerate(first.rules):
         table, chain = NFT_TABLE_OF[rule.table], NFT_CHAIN_OF[rule.chain]
-        if rule.row in _FAMILY_SPECIFIC_ROWS:
-            out.extend(NftRule(table, chain, rule.row, fam, _nft_parts(rule, fam)) for fam in families)
+        if rule.row in _FAMILY_SPECIFIC_ROWS:  # each family's twin from its own rule set (its addresses)
+            out.extend(NftRule(table, chain, rule.row, fam, _nft_parts(rs.rules[i], fam))
+                       for fam, rs in by_family.items())
         else:
             out.append(NftRule(table, chain, rule.row, None, _nft_parts(rule, first.family)))
     return tuple(out)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import inspect
 import re
 import socket
 import subprocess
@@ -144,23 +143,9 @@ def probe(backend: str, worker: NetnsWorker, **cfg: Any) -> HostProbe:
     return make_host_probe(backend, worker, HostProbeConfig(**cfg))
 
 
-def make_dataplane(worker: NetnsWorker, backend: str, ipv6: bool) -> KernelDataplane:
-    """The pod dataplane for `backend`; skips only while the nft pod backend does not exist yet."""
-    if "backend" in inspect.signature(KernelDataplane).parameters:
-        if backend == BACKEND_NFTABLES:
-            try:
-                import cni_agent.redirect.nft  # noqa: F401
-            except ImportError:
-                pytest.skip("nft backend not available yet")
-        return KernelDataplane(worker, backend=backend, ipv6=ipv6)  # type: ignore[call-arg]
-    dp = KernelDataplane(worker, ipv6=ipv6)
-    if backend == BACKEND_NFTABLES:
-        try:
-            from cni_agent.redirect.nft import NftablesBackend
-        except ImportError:
-            pytest.skip("nft backend not available yet")
-        dp._backend = NftablesBackend()  # type: ignore[assignment]  # until KernelDataplane takes backend=
-    return dp
+def make_dataplane(worker: NetnsWorker, backend: str, ipv6: bool,
+                   probe_snat: dict[int, str] | None = None) -> KernelDataplane:
+    return KernelDataplane(worker, backend=backend, ipv6=ipv6, probe_snat=probe_snat)
 
 
 # --- rules: exact spec shape, idempotent, replaces stale state, per netns -----------------------------
@@ -380,18 +365,26 @@ def _capture(family: int, pod_fd: int, worker: NetnsWorker) -> CaptureListeners:
     return CaptureListeners(pod_fd, worker=worker, families=(family,))
 
 
+CUSTOM_SNAT = {4: "169.254.99.1", 6: "fd00:5a:7::1"}
+
+
+@pytest.mark.parametrize("snat", ["spec", "custom"])
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_host_probe_traffic(
-    backend: str, family: int, fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
+    backend: str, family: int, snat: str, fake_host: tuple[TestNetns, NetnsWorker], new_ns: NetnsFactory
 ) -> None:
+    """`custom`: the operator moved the probe source (--probe-snat-ipv4/-ipv6, spec agent-behaviour
+    §15.8); host rule and in-pod accept rules must both follow, or probes would be redirected."""
     host, worker = fake_host
-    a = ADDRS[family]
+    a = {**ADDRS[family], **({"snat": CUSTOM_SNAT[family]} if snat == "custom" else {})}
     pod, remote = _topology(host, new_ns, family)
     pod_fd, remote_fd = pod.open(), remote.open()
-    dp = make_dataplane(worker, backend, ipv6=family == 6)
+    dp = make_dataplane(worker, backend, ipv6=family == 6,
+                        probe_snat=CUSTOM_SNAT if snat == "custom" else None)
     asyncio.run(dp.install(pod_fd, RuleSettings(dns_capture=False)))
-    p = probe(backend, worker, ipv6=family == 6)
+    snat_cfg = {"snat_ipv4": CUSTOM_SNAT[4], "snat_ipv6": CUSTOM_SNAT[6]} if snat == "custom" else {}
+    p = probe(backend, worker, ipv6=family == 6, **snat_cfg)
     p.install()
     p.upsert(str(a["pod"]), "pod-uid")
     af = socket.AF_INET if family == 4 else socket.AF_INET6

@@ -58,6 +58,12 @@ def test_pod_source_default_depends_on_cluster() -> None:
         ({"CNI_AGENT_RUN_DIR": "relative/dir"}, "absolute path"),
         ({"CNI_AGENT_RULES_BACKEND": "ebpf"}, "not one of"),
         ({"CNI_AGENT_DNS_CAPTURE": "maybe"}, "true or false"),
+        ({"CNI_AGENT_PROBE_SNAT_IPV4": "169.254.7.0/24"},
+         "--probe-snat-ipv4 / CNI_AGENT_PROBE_SNAT_IPV4: .* not an IP"),
+        ({"CNI_AGENT_PROBE_SNAT_IPV4": "fd00::1"}, "not an IPv4 address"),
+        ({"CNI_AGENT_PROBE_SNAT_IPV6": "169.254.7.127"}, "not an IPv6 address"),
+        ({"CNI_AGENT_PROBE_SNAT_IPV4": "127.0.0.5"}, "loopback"),
+        ({"CNI_AGENT_PROBE_SNAT_IPV6": "::ffff:169.254.7.127"}, "v4-mapped"),
     ],
 )
 def test_bad_values_name_the_knob(env: dict[str, str], needle: str) -> None:
@@ -68,3 +74,11 @@ def test_bad_values_name_the_knob(env: dict[str, str], needle: str) -> None:
 def test_exclude_namespaces_list() -> None:
     s = parse_run_args(["--exclude-namespaces", " kube-system, istio-system ,,"], {})
     assert s.exclude_namespaces == frozenset({"kube-system", "istio-system"})
+
+
+def test_probe_snat_addresses_default_to_the_spec_and_are_canonical() -> None:
+    s = parse_run_args([], {})
+    assert s.probe_snat == {4: "169.254.7.127", 6: "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"}
+    env = {"CNI_AGENT_PROBE_SNAT_IPV4": " 169.254.1.1 "}
+    s = parse_run_args(["--probe-snat-ipv6", "FD00:0:0::0001"], env)
+    assert s.probe_snat == {4: "169.254.1.1", 6: "fd00::1"}

@@ -218,3 +218,28 @@ def test_canonical_expr_folds_ct_mark_and_zeroes_counters() -> None:
     c = [{"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 0xFFFFF000]}, 0x222]}}}]
     assert canonical_expr(c) != canonical_expr(b[1:])
     assert NftTableState(chains=(), rules=()) == NftTableState(chains=(), rules=(), other=())
+
+
+def test_probe_snat_address_is_the_nodes_setting_in_both_forms() -> None:
+    """Spec agent-behaviour §15.8: the probe source is configurable; each family keeps its own."""
+    from cni_agent.redirect.rules import PROBE_SNAT_IPV4, PROBE_SNAT_IPV6, render_iptables_restore
+
+    v4 = build_ruleset(RuleSettings(), 4, "169.254.99.1")
+    v6 = build_ruleset(RuleSettings(), 6, "fd00:5a:7::1")
+    ipt = render_iptables_restore(v4)
+    assert "-A ISTIO_PRERT -s 169.254.99.1 -p tcp -m tcp -j ACCEPT" in ipt
+    assert "-A ISTIO_OUTPUT -d 169.254.99.1 -p tcp -m tcp -j ACCEPT" in ipt
+    assert PROBE_SNAT_IPV4 not in ipt
+    nft = render_nft([v4, v6])
+    assert "ip saddr 169.254.99.1 counter accept" in nft and "ip6 saddr fd00:5a:7::1 counter accept" in nft
+    assert "ip daddr 169.254.99.1 counter accept" in nft and "ip6 daddr fd00:5a:7::1 counter accept" in nft
+    assert PROBE_SNAT_IPV4 not in nft and PROBE_SNAT_IPV6 not in nft
+    # the default is the spec's address
+    assert build_ruleset(RuleSettings(), 4) == build_ruleset(RuleSettings(), 4, PROBE_SNAT_IPV4)
+
+
+@pytest.mark.parametrize("address,family", [("fd00::1", 4), ("169.254.1.1", 6), ("10.0.0.0/8", 4),
+                                            ("0.0.0.0", 4), ("::1", 6), ("224.0.0.1", 4)])
+def test_unusable_probe_snat_address_is_refused(address: str, family: int) -> None:
+    with pytest.raises(ValueError, match=r"address|probe source|not an IP"):
+        build_ruleset(RuleSettings(), family, address)
