@@ -22,11 +22,24 @@ from typing import Protocol, TypeVar
 
 from pyroute2 import NetlinkError
 
-from cni_agent.redirect.iptc import IptablesLegacyBackend, RulesError, iptc_session, legacy_tables_present
+from cni_agent.redirect.iptc import (
+    IptablesLegacyBackend,
+    RulesError,
+    existing_tables,
+    iptc_session,
+    legacy_tables_present,
+)
 from cni_agent.redirect.netns import NetnsError, NetnsWorker, netns_identity
 from cni_agent.redirect.nft import NftablesBackend, NftRulesError
 from cni_agent.redirect.routes import RoutesError, apply_routes, remove_routes, routes_present
-from cni_agent.redirect.rules import OUR_CHAINS, RuleSet, RuleSettings, build_ruleset, check_probe_snat
+from cni_agent.redirect.rules import (
+    OUR_CHAINS,
+    OUR_TABLES,
+    RuleSet,
+    RuleSettings,
+    cached_ruleset,
+    check_probe_snat,
+)
 
 T = TypeVar("T")
 
@@ -110,8 +123,11 @@ def _other_present(backend_name: str) -> bool:
     if not _legacy_tables_present():
         return False
     for family in (4, 6):  # a legacy table exists; ours only if one of our chains is in it
+        here = existing_tables(family) & set(OUR_TABLES)
+        if not here:
+            continue
         try:
-            with iptc_session(family) as tables:
+            with iptc_session(family, here) as tables:
                 if any(t.is_chain(c) for t in tables.values() for c in OUR_CHAINS):
                     return True
         except RulesError:
@@ -168,7 +184,7 @@ class KernelDataplane:
 
     def rulesets(self, settings: RuleSettings) -> list[RuleSet]:
         """The rule sets this dataplane installs for a pod (v4, plus v6 when enabled)."""
-        return [build_ruleset(settings, family, self._probe_snat.get(family)) for family in self._families()]
+        return [cached_ruleset(settings, family, self._probe_snat.get(family)) for family in self._families()]
 
     async def install(self, netns_fd: int, settings: RuleSettings) -> None:
         steps = install_steps(self._backend, self.rulesets(settings), self._ipv6)

@@ -516,7 +516,7 @@ class IptablesHostProbe(_ProbeBase):
                     log.warning("could not remove old host probe rule", family=family, error=str(exc))
         for family in self.config.families():
             try:
-                with iptc_session(family) as tables:
+                with iptc_session(family, ("nat",)) as tables:
                     nat = tables.get("nat")
                     if nat is None:
                         raise HostProbeError(f"IPv{family} nat table is not available on the host")
@@ -551,7 +551,7 @@ class IptablesHostProbe(_ProbeBase):
         if not legacy_tables_present(family):
             return  # no table at all, so nothing of ours; opening one would create it
         try:
-            with iptc_session(family) as tables:
+            with iptc_session(family, ("nat",)) as tables:
                 nat = tables.get("nat")
                 if nat is None:
                     return

@@ -32,7 +32,7 @@ import functools
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -99,28 +99,56 @@ def _ensure_nat_targets(family: int) -> None:
 
 
 @contextmanager
-def iptc_session(family: int) -> Iterator[dict[str, Any]]:
-    """Fresh handles for every available table of `family` in the calling thread's netns; closed after.
+def iptc_session(family: int, names: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Fresh handles for the tables `names` of `family` in the calling thread's netns; closed after.
+
+    Only the named tables are opened: opening a legacy table instantiates it in the netns, and a pod
+    given `filter` and `security` tables it never asked for would run every packet through their
+    hooks. python-iptables scans every table it believes available whenever it builds or decodes a
+    target (and segfaults on a stale handle), with a process-wide availability cache; each session
+    therefore sets that cache to exactly the tables it opened. A table the kernel cannot provide is
+    left out of the result (callers decide whether that is an error).
 
     Usable for host-side work too (from the worker via `call_host`), so the process shares one
-    discipline for the libiptc caches.
+    discipline for the libiptc caches. Sessions never nest (one worker thread).
     """
-    table_cls, _rule_cls, available = _family_api(family)
+    table_cls, _rule_cls, _available = _family_api(family)
+    known: dict[str, bool] = table_cls.existing_table_names
+    wanted = [name for name in table_cls.ALL if name in set(names)]
     tables: dict[str, Any] = {}
     try:
         _ensure_nat_targets(family)
         for name in table_cls.ALL:
-            if available(name):
+            known[name] = False
+        for name in wanted:
+            try:
                 table = table_cls(name, autocommit=False)
                 table.autocommit = False
                 table.refresh()
-                tables[name] = table
+            except iptc.IPTCError:
+                continue  # the kernel has no such table here
+            tables[name] = table
+            known[name] = True
         yield tables
     except (iptc.IPTCError, iptc.XTablesError) as exc:
         raise RulesError(f"iptables (IPv{family}): {exc}") from exc
     finally:
         for table in tables.values():
             table.close()
+
+
+def existing_tables(family: int) -> frozenset[str]:
+    """The legacy x_tables tables of `family` that exist in the calling thread's netns (thread-self:
+    setns is per thread). Cheap (~0.03 ms), and unlike opening a table it never creates one."""
+    name = "ip_tables_names" if family == 4 else "ip6_tables_names"
+    try:
+        fd = os.open(f"/proc/thread-self/net/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return frozenset()
+    try:
+        return frozenset(os.read(fd, 4096).decode().split())
+    finally:
+        os.close(fd)
 
 
 def build_iptc_rule(family: int, spec: Sequence[str]) -> Any:
@@ -271,18 +299,8 @@ def _holds_ours(table: Any) -> bool:
 
 
 def legacy_tables_present(family: int) -> bool:
-    """Any legacy x_tables table of `family` in the calling thread's netns (thread-self: setns is
-    per thread). Cheap (~0.03 ms), and unlike opening a table it never creates one.
-    """
-    name = "ip_tables_names" if family == 4 else "ip6_tables_names"
-    try:
-        fd = os.open(f"/proc/thread-self/net/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        return bool(os.read(fd, 256).strip())
-    finally:
-        os.close(fd)
+    """Any legacy x_tables table of `family` in the calling thread's netns (never creates one)."""
+    return bool(existing_tables(family))
 
 
 class IptablesLegacyBackend:
@@ -298,7 +316,9 @@ class IptablesLegacyBackend:
         instead of leaving mangle/nat in the new form and raw in the old.
         """
         for rs in rulesets:
-            with iptc_session(rs.family) as tables:
+            # the tables our rules need, plus ours already here (leftovers to clean, e.g. raw)
+            names = set(rs.tables()) | (existing_tables(rs.family) & set(OUR_TABLES))
+            with iptc_session(rs.family, names) as tables:
                 planned: list[tuple[str, Any]] = []
                 for tname in OUR_TABLES:
                     table = tables.get(tname)
@@ -323,7 +343,10 @@ class IptablesLegacyBackend:
         A family without a rule set (IPv6 while IPv6 is off) must hold nothing of ours.
         """
         for rs in rulesets:
-            with iptc_session(rs.family) as tables:
+            here = existing_tables(rs.family) & set(OUR_TABLES)
+            if not set(rs.tables()) <= here:
+                return False  # looking would create the missing table
+            with iptc_session(rs.family, here) as tables:
                 for tname in OUR_TABLES:
                     table = tables.get(tname)
                     if table is None:
@@ -333,9 +356,10 @@ class IptablesLegacyBackend:
                     if not self._table_matches(table, rs, tname):
                         return False
         for family in (4, 6):
-            if family in families_of(rulesets) or not legacy_tables_present(family):
+            here = existing_tables(family) & set(OUR_TABLES)
+            if family in families_of(rulesets) or not here:
                 continue
-            with iptc_session(family) as tables:
+            with iptc_session(family, here) as tables:
                 if any(_holds_ours(table) for table in tables.values()):
                     return False
         return True
@@ -347,9 +371,10 @@ class IptablesLegacyBackend:
         opening its tables would create them.
         """
         for family in families:
-            if not legacy_tables_present(family):
+            here = existing_tables(family) & set(OUR_TABLES)
+            if not here:
                 continue
-            with iptc_session(family) as tables:
+            with iptc_session(family, here) as tables:
                 for tname in OUR_TABLES:
                     table = tables.get(tname)
                     if table is None:

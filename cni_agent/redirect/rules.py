@@ -8,6 +8,7 @@ translate the same tuples. Nothing here touches the system.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -249,19 +250,43 @@ class RuleSet:
 
     def chains_declared(self, table: str) -> tuple[str, ...]:
         """Non-builtin chains in `-N` order: owners of rules by first rule, then undeclared jump targets."""
-        declared: list[str] = []
-        rules = self.rules_in(table)
-        for r in rules:
-            if r.chain not in BUILTIN_CHAINS and r.chain not in declared:
-                declared.append(r.chain)
-        for r in rules:
-            target = r.jump_target
-            if target is not None and target not in BUILTIN_CHAINS and target not in declared:
-                declared.append(target)
-        return tuple(declared)
+        return self._declared.get(table, ())
 
     def chain_rules(self, table: str, chain: str) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if r.table == table and r.chain == chain)
+        return self._by_chain.get((table, chain), ())
+
+    # Indexes computed once per rule set: backends ask these per table and chain for every pod, and
+    # rule sets are cached and shared (cached_property writes the instance dict; fields stay frozen).
+
+    @functools.cached_property
+    def _by_chain(self) -> dict[tuple[str, str], tuple[Rule, ...]]:
+        index: dict[tuple[str, str], list[Rule]] = {}
+        for r in self.rules:
+            index.setdefault((r.table, r.chain), []).append(r)
+        return {key: tuple(rules) for key, rules in index.items()}
+
+    @functools.cached_property
+    def _declared(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        for table in {r.table for r in self.rules}:
+            declared: list[str] = []
+            rules = self.rules_in(table)
+            for r in rules:
+                if r.chain not in BUILTIN_CHAINS and r.chain not in declared:
+                    declared.append(r.chain)
+            for r in rules:
+                target = r.jump_target
+                if target is not None and target not in BUILTIN_CHAINS and target not in declared:
+                    declared.append(target)
+            out[table] = tuple(declared)
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def cached_ruleset(settings: RuleSettings, family: int, probe_snat: str | None = None) -> RuleSet:
+    """`build_ruleset`, once per variant: the agent asks for every pod, and a shared instance keeps
+    its indexes (and the backends' per-rule-set caches) warm."""
+    return build_ruleset(settings, family, probe_snat)
 
 
 def build_ruleset(settings: RuleSettings, family: int = 4, probe_snat: str | None = None) -> RuleSet:

@@ -478,3 +478,37 @@ def test_dataplane_error_names_the_failed_step(worker: NetnsWorker) -> None:
     finally:
         os.close(fd)
     assert worker.broken is None
+
+
+# --- no tables the pod did not need ---------------------------------------------------------------
+
+
+def _table_names(ns: TestNetns) -> dict[int, set[str]]:
+    script = "echo v4; cat /proc/net/ip_tables_names; echo v6; cat /proc/net/ip6_tables_names"
+    out = ns.exec(["sh", "-c", script], check=True).stdout.split()
+    split = out.index("v6")
+    return {4: set(out[1:split]), 6: set(out[split + 1:])}
+
+
+def test_only_the_tables_the_rules_need_are_created(worker: NetnsWorker, new_ns: NetnsFactory) -> None:
+    """Opening a legacy table instantiates it: a pod must not get filter/security hooks from us, nor
+    raw with DNS capture off; verify and remove on a pod without tables must create none."""
+    backend = IptablesLegacyBackend()
+    dns_on, dns_off, untouched = new_ns(), new_ns(), new_ns()
+    both = (4, 6)
+    worker.call(dns_on.open(), lambda: backend.apply([build_ruleset(RuleSettings(), f) for f in both]))
+    assert _table_names(dns_on) == {4: {"mangle", "nat", "raw"}, 6: {"mangle", "nat", "raw"}}
+    off = [build_ruleset(RuleSettings(dns_capture=False), f) for f in both]
+    worker.call(dns_off.open(), lambda: backend.apply(off))
+    assert _table_names(dns_off) == {4: {"mangle", "nat"}, 6: {"mangle", "nat"}}
+    # decoding rules right after a session that had raw open must not touch raw's stale handle
+    assert worker.call(dns_off.open(), lambda: backend.matches(off))
+
+    assert not worker.call(untouched.open(), lambda: backend.matches(off))
+    worker.call(untouched.open(), lambda: backend.remove(both))
+    assert _table_names(untouched) == {4: set(), 6: set()}
+
+    # DNS capture switched off on a pod that had it: raw is ours to clean, so it is opened and emptied
+    worker.call(dns_on.open(), lambda: backend.apply(off))
+    assert worker.call(dns_on.open(), lambda: backend.matches(off))
+    assert "ISTIO" not in save(dns_on, "raw")
