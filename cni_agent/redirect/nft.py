@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -74,6 +75,14 @@ Mode = Literal["binding", "subprocess"]
 
 class NftRulesError(Exception):
     """An nft transaction or listing failed; carries nft's own error text."""
+
+
+class BatchRejected(NftRulesError):
+    """The kernel refused a precompiled batch; `errno` says why (EEXIST: our table appeared)."""
+
+    def __init__(self, errno_: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 def _prototype(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
@@ -221,7 +230,8 @@ def _table_name(buf: bytes, offset: int, end: int) -> str | None:
         if nla_len < _NLA.size:
             return None
         if nla_type & 0x3FFF == _NFTA_TABLE_NAME:
-            return buf[pos + _NLA.size:pos + nla_len].split(b"\0", 1)[0].decode()
+            # names are bytes to the kernel; a foreign table's need not be UTF-8 (never one of ours)
+            return buf[pos + _NLA.size:pos + nla_len].split(b"\0", 1)[0].decode(errors="surrogateescape")
         pos += (nla_len + 3) & ~3
     return None
 
@@ -234,9 +244,13 @@ class _Nfnl:
         try:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                        _NETLINK_NETFILTER)
+        except OSError as exc:
+            raise NftRulesError(f"netfilter netlink socket: {exc}") from exc
+        try:
             self._sock.settimeout(_DUMP_TIMEOUT)
             self._sock.bind((0, 0))
         except OSError as exc:
+            self._sock.close()
             raise NftRulesError(f"netfilter netlink socket: {exc}") from exc
 
     def __enter__(self) -> _Nfnl:
@@ -268,9 +282,16 @@ class _Nfnl:
             raise NftRulesError(f"nft table dump failed: {exc}") from exc
 
     def commit(self, batch: Batch) -> None:
-        """Send the batch; return once the kernel acked its last message (it processes a batch
-        synchronously inside `send`, so the answer is already queued). Any error means the kernel
-        aborted the whole batch: nothing of it was applied."""
+        """Send the batch; return once the kernel acked its last message. Raises BatchRejected with
+        the errno when the kernel refused it: then nothing of it was applied.
+
+        Kernel facts this relies on (net/netfilter/nfnetlink.c): the batch is processed synchronously
+        inside `send`, so every answer is already queued when it returns; errors are delivered in
+        message order BEFORE the ack of our last message, and that ack is delivered even when the
+        batch was aborted. Hence: the first non-zero code decides, and only a clean ack of the last
+        sequence number means committed. A failure in the commit phase is reported against the first
+        message after BATCH_BEGIN, not the one that caused it.
+        """
         try:
             self._sock.send(batch.data)
             while True:
@@ -281,8 +302,8 @@ class _Nfnl:
                     code, = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
                     seq, = struct.unpack_from("=I", buf, offset + 8)
                     if code != 0:
-                        raise NftRulesError(f"nft batch rejected at message {seq} of {batch.last_seq}: "
-                                            f"{os.strerror(-code)}")
+                        raise BatchRejected(-code, f"kernel refused the nft batch (message {seq} of "
+                                                   f"{batch.last_seq}): {os.strerror(-code)}")
                     if seq == batch.last_seq:
                         return
         except OSError as exc:
@@ -374,32 +395,43 @@ class NftablesBackend:
 
     def apply(self, rulesets: Sequence[RuleSet]) -> None:
         """Make our tables exactly the rule sets' content, in one transaction; no-op when already so."""
-        if self._precompiled and self._apply_fresh(tuple(rulesets)):
-            return
-        self._apply_json(rulesets)
+        present: set[str] | None = None
+        if self._precompiled:
+            done, present = self._apply_fresh(tuple(rulesets))
+            if done:
+                return
+        self._apply_json(rulesets, present)
 
-    def _apply_fresh(self, rulesets: tuple[RuleSet, ...]) -> bool:
+    def _apply_fresh(self, rulesets: tuple[RuleSet, ...]) -> tuple[bool, set[str] | None]:
         """The hot path: none of our tables here -> commit the pre-encoded batch (`nftbatch`) on a
-        raw netlink socket, no libnftables context at all. False sends the caller down the JSON path:
-        our tables exist (reconcile), the variant is not precompilable, or the kernel refused the
-        batch (libnftables then retries the same content and reports the authoritative error)."""
+        raw netlink socket, no libnftables context at all. Returns (done, our tables found here if
+        known). Not done sends the caller down the JSON path: our tables exist (reconcile), the
+        variant is not precompilable, or the kernel refused the batch (libnftables then retries the
+        same content and reports the authoritative error)."""
         batch = fresh_batch(rulesets)
         if batch is None:
-            return False
+            return False, None
         try:
             with _Nfnl() as nl:
-                if nl.table_names() & set(NFT_TABLES):
-                    return False
+                present = nl.table_names() & set(NFT_TABLES)
+                if present:
+                    return False, present
                 nl.commit(batch)
+        except BatchRejected as exc:
+            if exc.errno != errno.EEXIST:  # EEXIST: one of our tables appeared meanwhile; reconcile
+                log.warning("precompiled nft batch refused; using libnftables", error=str(exc))
+            return False, None
         except NftRulesError as exc:
             log.warning("precompiled nft batch not applied; using libnftables", error=str(exc))
-            return False
-        return True
+            return False, None
+        return True, None
 
-    def _apply_json(self, rulesets: Sequence[RuleSet]) -> None:
-        """libnftables' JSON transaction: fresh, flush-and-refill, or delete-and-recreate."""
+    def _apply_json(self, rulesets: Sequence[RuleSet], present: set[str] | None = None) -> None:
+        """libnftables' JSON transaction: fresh, flush-and-refill, or delete-and-recreate.
+        `present`: our tables here, if the caller just read them (None: read them now)."""
         with _Nft(self._mode) as nft:
-            present = _our_tables_here(self._mode, nft)
+            if present is None:
+                present = _our_tables_here(self._mode, nft)
             doc: dict[str, Any] | str = _apply_text(tuple(rulesets), not present)
             replacing = False
             if present:

@@ -12,8 +12,9 @@ Only the hot path uses this: a pod netns holding none of our tables. Everything 
 repair, listing, delete) stays on libnftables' JSON API, which remains the authority: anything this
 compiler does not know raises `Unsupported`, and the caller falls back to the JSON transaction.
 
-The tables are created with NLM_F_EXCL, so a table that appeared after the caller's check aborts the
-whole batch (EEXIST) instead of appending a second copy of our rules.
+All three tables are created with NLM_F_EXCL (one this variant does not use is deleted again in the
+same transaction), so a table that appeared after the caller's check aborts the whole batch (EEXIST)
+instead of appending a second copy of our rules or keeping a stale table.
 
 Constants are the kernel UAPI's (linux/netfilter/nf_tables.h, nfnetlink.h, netfilter.h).
 """
@@ -47,6 +48,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWCHAIN = 3
 NFT_MSG_NEWRULE = 6
 NFPROTO_UNSPEC = 0
@@ -204,9 +206,15 @@ def _key(expr: Any, kind: str) -> str | None:
 
 
 def _ifname(value: object) -> bytes:
-    if not isinstance(value, str) or not 0 < len(value) < _IFNAMSIZ or any(c in value for c in "*\\\0"):
-        raise Unsupported(f"interface name {value!r}")  # nft gives `*` wildcard meaning
-    return value.encode().ljust(_IFNAMSIZ, b"\0")
+    """IFNAMSIZ bytes, NUL-padded: what nft compares for an exact name. Anything nft would read
+    differently (`*` wildcard, `\\` escape, leading `@` set reference) or refuse (16+ bytes) is left
+    to libnftables, so both paths accept and reject the same names."""
+    if not isinstance(value, str) or value.startswith("@") or any(c in value for c in "*\\\0"):
+        raise Unsupported(f"interface name {value!r}")
+    raw = value.encode()
+    if not 0 < len(raw) < _IFNAMSIZ:
+        raise Unsupported(f"interface name {value!r} is {len(raw)} bytes")
+    return raw.ljust(_IFNAMSIZ, b"\0")
 
 
 def _address(protocol: str, value: object) -> bytes:
@@ -350,10 +358,13 @@ def _batch_messages(rulesets: Sequence[RuleSet]) -> list[tuple[int, int, int, li
     out: list[tuple[int, int, int, list[bytes]]] = []
     for table in NFT_TABLES:
         mine = [r for r in rules if r.table == table]
-        if not mine:  # fresh pod: nothing to delete (spec's `delete table` for an unused table)
-            continue
         out.append((_nft_type(NFT_MSG_NEWTABLE), NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, NFPROTO_INET,
                     [_str(_TABLE_NAME, table), _u32(_TABLE_FLAGS, 0)]))
+        if not mine:
+            # unused here (raw with DNS capture off): created and deleted in the same transaction,
+            # a no-op that still aborts the batch if the table appeared since the caller's check
+            out.append((_nft_type(NFT_MSG_DELTABLE), NLM_F_REQUEST, NFPROTO_INET, [_str(_TABLE_NAME, table)]))
+            continue
         for base in NFT_BASE_CHAINS[table]:
             hook = _nest(_CHAIN_HOOK, _u32(_HOOK_HOOKNUM, _HOOKS[base.hook]), _s32(_HOOK_PRIORITY, base.prio))
             out.append((_nft_type(NFT_MSG_NEWCHAIN), NLM_F_REQUEST | NLM_F_CREATE, NFPROTO_INET,
@@ -389,8 +400,11 @@ def encode_batch(rulesets: Sequence[RuleSet]) -> Batch:
 
 @functools.lru_cache(maxsize=128)
 def fresh_batch(rulesets: tuple[RuleSet, ...]) -> Batch | None:
-    """Cached per rule-set variant; None when the compiler does not support it (use libnftables)."""
+    """Cached per rule-set variant; None when the compiler cannot encode it (use libnftables).
+
+    Not only `Unsupported`: any surprise in an input shape must cost the fast path, never the apply.
+    """
     try:
         return encode_batch(rulesets)
-    except Unsupported:
+    except (Unsupported, ValueError, KeyError, TypeError, IndexError, struct.error):
         return None

@@ -150,10 +150,13 @@ def parse_go_bool(value: str) -> bool | None:
 
 
 def _valid_ifname(name: str) -> bool:
-    """Linux interface name rules; rejecting others keeps odd annotation text out of rule tokens."""
+    """Linux interface name rules (IFNAMSIZ counts BYTES, with the NUL); rejecting others keeps odd
+    annotation text out of rule tokens. A leading `@` is refused too: nft reads it as a set reference,
+    so the nftables backend could not express the rule."""
     return (
-        0 < len(name) < _IFNAMSIZ
+        0 < len(name.encode()) < _IFNAMSIZ
         and name not in (".", "..")
+        and not name.startswith("@")
         and all(c.isprintable() and not c.isspace() and c not in "/:!" for c in name)
     )
 

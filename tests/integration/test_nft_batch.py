@@ -31,6 +31,7 @@ SETTINGS = {
     "bypass+dns-off": RuleSettings(dns_capture=False, bypass_inbound=True),
     "ifaces": RuleSettings(dns_capture=False, reroute_interfaces=("net1", "net2")),
     "ifaces+bypass+dns": RuleSettings(bypass_inbound=True, reroute_interfaces=("eth1", "a" * 15)),
+    "ifaces-non-ascii": RuleSettings(dns_capture=False, reroute_interfaces=("véth0", "é" * 7)),  # 14 bytes
 }
 FAMILIES = {"v4": (4,), "v6": (6,), "v4+v6": (4, 6)}
 
@@ -102,13 +103,18 @@ def test_second_apply_goes_the_json_way_and_is_a_no_op(
         pytest.fail(diff)
 
 
+@pytest.mark.parametrize("table,settings", [
+    ("istio-ambient-mangle", RuleSettings()),
+    ("istio-ambient-raw", RuleSettings(dns_capture=False)),  # a table this variant does not use
+], ids=["used-table", "unused-table"])
 def test_table_appearing_before_commit_aborts_the_whole_batch(
-    worker: NetnsWorker, new_ns: NetnsFactory
+    worker: NetnsWorker, new_ns: NetnsFactory, table: str, settings: RuleSettings
 ) -> None:
-    """NLM_F_EXCL on our tables: the batch never appends a second copy of our rules."""
-    rs = rulesets(RuleSettings(), (4,))
+    """NLM_F_EXCL on all our tables: the batch never appends a second copy of our rules, and never
+    leaves a stale table of ours that the JSON transaction would have deleted."""
+    rs = rulesets(settings, (4,))
     ns = new_ns()
-    ns.exec(["nft", "add table inet istio-ambient-mangle"], check=True)
+    ns.exec(["nft", f"add table inet {table}"], check=True)
     before = _state(worker, ns)
     batch = encode_batch(rs)
 
@@ -121,7 +127,10 @@ def test_table_appearing_before_commit_aborts_the_whole_batch(
     after = _state(worker, ns)
     if diff := _diff(before, after):
         pytest.fail(f"an aborted batch changed the kernel state: {diff}")
-    assert [d.decoded().get_attr("NFTA_TABLE_NAME") for d in after["table"]] == ["istio-ambient-mangle"]
+    assert [d.decoded().get_attr("NFTA_TABLE_NAME") for d in after["table"]] == [table]
+    # and the backend, seeing the table, reconciles to exactly our state through libnftables
+    worker.call(ns.open(), lambda: NftablesBackend().apply(rs))
+    assert worker.call(ns.open(), lambda: NftablesBackend().matches(rs))
 
 
 def test_other_families_and_foreign_tables_are_untouched(worker: NetnsWorker, new_ns: NetnsFactory) -> None:

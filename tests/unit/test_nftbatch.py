@@ -14,7 +14,7 @@ from pyroute2.netlink.nfnetlink import nftsocket
 
 from cni_agent.redirect import nftbatch
 from cni_agent.redirect.nftbatch import Unsupported, compile_statement, encode_batch
-from cni_agent.redirect.rules import RuleSettings, build_ruleset, nft_commands, nft_rules
+from cni_agent.redirect.rules import RuleSettings, build_ruleset, nft_commands
 
 _HDR = struct.Struct("=IHHII")
 _CLASSES = {nftbatch.NFT_MSG_NEWTABLE: nftsocket.nft_table_msg,
@@ -59,6 +59,7 @@ def test_framing_flags_and_ack_placement() -> None:
         assert raw[16] == nftbatch.NFPROTO_INET
         kind = msg_type & 0xFF
         want = {nftbatch.NFT_MSG_NEWTABLE: nftbatch.NLM_F_CREATE | nftbatch.NLM_F_EXCL,
+                nftbatch.NFT_MSG_DELTABLE: 0,
                 nftbatch.NFT_MSG_NEWCHAIN: nftbatch.NLM_F_CREATE,
                 nftbatch.NFT_MSG_NEWRULE: nftbatch.NLM_F_CREATE | nftbatch.NLM_F_APPEND}[kind]
         assert flags & ~nftbatch.NLM_F_ACK == nftbatch.NLM_F_REQUEST | want
@@ -71,8 +72,11 @@ def test_same_objects_in_the_same_order_as_the_spec_transaction(settings: RuleSe
     rs = [build_ruleset(settings, 4), build_ruleset(settings, 6)]
     want: list[tuple[str, ...]] = []
     for _text, cmd in nft_commands(rs):
-        if "add" not in cmd:
-            continue  # flush/delete: nothing to do in a fresh pod
+        if "flush" in cmd:
+            continue  # flushing a table created in the same batch does nothing
+        if "delete" in cmd:  # an unused table: created (EXCL) and deleted again
+            want.append(("delete table", cmd["delete"]["table"]["name"]))
+            continue
         (kind, body), = cmd["add"].items()
         if kind == "table":
             want.append(("table", body["name"]))
@@ -80,12 +84,13 @@ def test_same_objects_in_the_same_order_as_the_spec_transaction(settings: RuleSe
             want.append(("chain", body["table"], body["name"], body.get("hook", "")))
         else:
             want.append(("rule", body["table"], body["chain"]))
-    tables_used = {r.table for r in nft_rules(rs)}
-    want = [w for w in want if w[1] in tables_used]
     got: list[tuple[str, ...]] = []
     for msg_type, _f, _s, raw in split(encode_batch(rs).data)[1:-1]:
-        msg = decode(msg_type, raw)
         kind = msg_type & 0xFF
+        if kind == nftbatch.NFT_MSG_DELTABLE:
+            got.append(("delete table", decode(nftbatch.NFT_MSG_NEWTABLE, raw).get_attr("NFTA_TABLE_NAME")))
+            continue
+        msg = decode(msg_type, raw)
         if kind == nftbatch.NFT_MSG_NEWTABLE:
             got.append(("table", msg.get_attr("NFTA_TABLE_NAME")))
         elif kind == nftbatch.NFT_MSG_NEWCHAIN:
@@ -96,6 +101,7 @@ def test_same_objects_in_the_same_order_as_the_spec_transaction(settings: RuleSe
         else:
             got.append(("rule", msg.get_attr("NFTA_RULE_TABLE"), msg.get_attr("NFTA_RULE_CHAIN")))
     assert got == want
+    assert ("delete table", "istio-ambient-raw") in got or settings.dns_capture
 
 
 def _statements(*stmts: Any) -> list[str]:
@@ -153,3 +159,34 @@ def test_fresh_batch_returns_none_for_unsupported_variants() -> None:
     rs = (build_ruleset(RuleSettings(dns_capture=False, reroute_interfaces=("veth*",)), 4),)
     assert nftbatch.fresh_batch(rs) is None
     assert nftbatch.fresh_batch((build_ruleset(RuleSettings(), 4),)) is not None
+
+
+def test_any_encoding_surprise_costs_the_fast_path_not_the_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    rs = (build_ruleset(RuleSettings(bypass_inbound=True, reroute_interfaces=("x9",)), 6),)
+
+    def boom(_rs: Any) -> Any:
+        raise KeyError("unexpected shape")
+
+    nftbatch.fresh_batch.cache_clear()
+    monkeypatch.setattr(nftbatch, "encode_batch", boom)
+    try:
+        assert nftbatch.fresh_batch(rs) is None
+    finally:
+        nftbatch.fresh_batch.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["abcdefghijklmn\u00e9", "@set", "veth*", "a\\b"])
+def test_interface_names_nft_reads_otherwise_are_left_to_libnftables(name: str) -> None:
+    with pytest.raises(Unsupported):
+        nftbatch._ifname(name)
+
+
+def test_foreign_table_names_need_not_be_utf8() -> None:
+    """A pod may create an inet table with any bytes as its name; the dump must still parse."""
+    from cni_agent.redirect.nft import _table_name
+
+    raw_name = b"bad\xff\xfe\0"
+    attr = struct.pack("=HH", 4 + len(raw_name), 1) + raw_name + b"\0" * (-(4 + len(raw_name)) % 4)
+    msg = struct.pack("=IHHII", 16 + 4 + len(attr), 0xA00, 0, 1, 0) + b"\x01\x00\x00\x00" + attr
+    name = _table_name(msg, 0, len(msg))
+    assert name is not None and name.startswith("bad") and name not in ("istio-ambient-nat",)

@@ -167,3 +167,13 @@ def test_annotations_bad_interface_names_skipped() -> None:
     )
     assert settings.reroute_interfaces == ("net1", "net2")
     assert len(warnings) == 3
+
+
+@pytest.mark.parametrize("name", ["abcdefghijklmn\u00e9", "@mine", "a" * 16])
+def test_reroute_interface_names_count_bytes_and_refuse_set_syntax(name: str) -> None:
+    """IFNAMSIZ is 16 bytes with the NUL: a 15-character name with one accent is 16 bytes."""
+    from cni_agent.redirect.rules import ANNOTATION_REROUTE_INTERFACES, settings_from_annotations
+
+    settings, warnings = settings_from_annotations({ANNOTATION_REROUTE_INTERFACES: f"net1,{name}"}, True)
+    assert settings.reroute_interfaces == ("net1",)
+    assert warnings and name in warnings[0]
