@@ -401,9 +401,10 @@ class IptablesLegacyBackend:
     def _sync_table(self, table: Any, rs: RuleSet, tname: str) -> bool:
         changed = False
         desired = rs.chains_declared(tname)
+        ours_before = [c for c in OUR_CHAINS if table.is_chain(c)]
         created: set[str] = set()
         for chain_name in desired:
-            if not table.is_chain(chain_name):
+            if chain_name not in ours_before:
                 table.create_chain(chain_name)
                 created.add(chain_name)
                 changed = True
@@ -418,6 +419,14 @@ class IptablesLegacyBackend:
                 for w in want:
                     table.append_entry(chain_name, w.entry)
                 changed = True
+        if not ours_before:
+            # None of our chains existed, so no rule here can jump to one: append our jumps without
+            # reading the builtin chains (the common case, a fresh pod; ~0.1 ms per table saved).
+            for chain_name in rs.builtin_chains_used(tname):
+                for r in rs.chain_rules(tname, chain_name):
+                    table.append_entry(chain_name, wanted_rule(rs.family, r.spec).entry)
+                    changed = True
+            return changed
         # Builtin chains: keep one copy of each wanted jump, drop any other reference to our chains.
         for chain in _builtin_chains(table):
             remaining = [wanted_rule(rs.family, r.spec) for r in rs.chain_rules(tname, chain.name)]
@@ -439,8 +448,8 @@ class IptablesLegacyBackend:
         # Our chains this variant does not use (e.g. raw with DNS capture now off). A foreign chain
         # may still jump to one; its rules are not ours to touch (spec §7), so the chain stays, empty
         # (a jump to an empty chain just returns), and the apply completes instead of failing forever.
-        for chain_name in OUR_CHAINS:
-            if chain_name not in desired and table.is_chain(chain_name):
+        for chain_name in ours_before:
+            if chain_name not in desired:
                 if iptc.Chain(table, chain_name).rules:
                     table.flush_entries(chain_name)
                     changed = True

@@ -258,6 +258,10 @@ class RuleSet:
     def chain_rules(self, table: str, chain: str) -> tuple[Rule, ...]:
         return self._by_chain.get((table, chain), ())
 
+    def builtin_chains_used(self, table: str) -> tuple[str, ...]:
+        """Builtin chains of `table` that hold rules of ours (our jumps), in rule order."""
+        return tuple(c for t, c in self._by_chain if t == table and c in BUILTIN_CHAINS)
+
     # Indexes computed once per rule set: backends ask these per table and chain for every pod, and
     # rule sets are cached and shared (cached_property writes the instance dict; fields stay frozen).
 
