@@ -36,6 +36,7 @@ that deletes and recreates our tables.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -130,6 +131,12 @@ class _Libnftables:
 
 
 @functools.cache
+def _closer() -> concurrent.futures.ThreadPoolExecutor:
+    """One background thread that releases netlink resources (see `_Nft.close`)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-close")
+
+
+@functools.cache
 def _libnftables() -> _Libnftables:
     try:
         return _Libnftables()
@@ -151,9 +158,15 @@ class _Nft:
             self._ctx = self._lib.new_ctx()  # binds to the calling thread's netns NOW
 
     def close(self) -> None:
+        """Free the context on the closer thread: closing a netfilter netlink socket whose
+        transaction deleted anything waits for an RCU grace period (~12-15 ms here), which would
+        stall every other pod queued on the netns worker. Nothing uses the context afterwards."""
         if self._ctx is not None:
-            self._lib.ctx_free(self._ctx)
-            self._ctx = None
+            ctx, self._ctx = self._ctx, None
+            try:
+                _closer().submit(self._lib.ctx_free, ctx)
+            except RuntimeError:  # interpreter shutting down: no new threads, free it here
+                self._lib.ctx_free(ctx)
 
     def __enter__(self) -> _Nft:
         return self
@@ -380,7 +393,11 @@ def _apply_text(rulesets: tuple[RuleSet, ...], fresh: bool = False) -> str:
     """
     commands = nft_json(rulesets)["nftables"]
     if fresh:
-        commands = [c for c in commands if "flush" not in c]
+        # no table of ours exists: nothing to flush, and an unused table (raw with DNS capture off)
+        # needs no add+delete pair (a delete would make closing the context wait ~12 ms)
+        unused = {c["delete"]["table"]["name"] for c in commands if "delete" in c}
+        commands = [c for c in commands if "flush" not in c and "delete" not in c
+                    and c.get("add", {}).get("table", {}).get("name") not in unused]
     return json.dumps({"nftables": commands}, separators=(",", ":"))
 
 

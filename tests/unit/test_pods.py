@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -102,6 +103,23 @@ def test_registry_roundtrip_and_corruption(tmp_path: Path) -> None:
     reg.path.write_text("{not json")
     assert reg.load() == []
     assert reg.path.with_suffix(".corrupt").exists()
+
+
+def test_registry_saves_follow_every_change_while_reusing_records(tmp_path: Path) -> None:
+    """Records are cached per pod object: a new object for the same uid (IP change, new netns)
+    must still reach the file, a removed pod must leave it, and a fresh registry reads it all."""
+    reg = LocalRegistry(tmp_path / "local-pods.json")
+    a, b = pod(uid="a"), pod(uid="b", ips=("10.0.0.2",))
+    reg.save([(a, (1, 10)), (b, None)])
+    reg.save([(a, (1, 10)), (b, None)])
+    b2 = pod(uid="b", ips=("10.0.0.9",))
+    reg.save([(b2, (1, 11)), (a, (1, 12))])
+    loaded = {p.uid: (p, i) for p, i in LocalRegistry(reg.path).load()}
+    assert loaded["a"][1] == (1, 12) and loaded["b"][0].ips == ("10.0.0.9",) and loaded["b"][1] == (1, 11)
+    reg.save([(b2, (1, 11))])
+    assert [p.uid for p, _ in LocalRegistry(reg.path).load()] == ["b"]
+    doc = json.loads(reg.path.read_text())
+    assert doc["version"] == 1 and [p["uid"] for p in doc["pods"]] == ["b"]
 
 
 def test_host_netns_path_forms(tmp_path: Path) -> None:
