@@ -1,15 +1,16 @@
-"""`make bench` / `python -m bench [shim|rules ...]`: run benchmarks (default: all); medians and ratios."""
+"""`make bench` / `python -m bench [shim|rules|add ...]`: run benchmarks (default: all); medians and ratios."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from bench import rules_apply, shim_roundtrip
+from bench import pod_add, rules_apply, shim_roundtrip
 
 BENCHMARKS: dict[str, Callable[[], int]] = {
     "shim": shim_roundtrip.main,
     "rules": rules_apply.main,
+    "add": pod_add.main,
 }
 
 

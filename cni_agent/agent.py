@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -214,8 +215,11 @@ class Agent:
 
         The pod enters the cache (which feeds every ztunnel snapshot) only once its rules are in
         place, so no ztunnel ever gets an Add for a pod whose traffic is not yet redirected.
+        The "pod enrolled" line carries each step's milliseconds: where a slow pod start went.
         """
+        steps = _Stopwatch()
         fd = self._open_pod_netns(pod)
+        steps.lap("netns_ms")
         try:
             await self.dataplane.install(fd, self._rule_settings(pod))
         except DataplaneError as exc:
@@ -233,7 +237,9 @@ class Agent:
         st = self.status.setdefault(pod.uid, PodStatus())
         st.enrolled = True
         st.rules = True
+        steps.lap("rules_ms")
         self._persist()
+        steps.lap("persist_ms")
         try:
             await self.ztunnels.add_workload(pod.uid, _workload_info(pod), cached.netns_fd)
         except ZdsError as exc:
@@ -253,6 +259,7 @@ class Agent:
                 "rules are in place; the runtime will retry once a ztunnel is connected and acks",
             ) from exc
         st.ztunnel_acked, st.last_error = True, ""
+        steps.lap("ztunnel_ms")
         try:
             for ip in pod.ips:
                 await asyncio.to_thread(self.probe.upsert, ip, pod.uid)
@@ -263,7 +270,9 @@ class Agent:
                 f"pod {pod.ref}: updating the probe address set failed: {exc}",
                 "kubelet probes would not be SNATed; the runtime will retry",
             ) from exc
-        log.info("pod enrolled", pod=str(pod.ref), uid=pod.uid, netns=pod.netns_path, ips=list(pod.ips))
+        steps.lap("probe_ms")
+        log.info("pod enrolled", pod=str(pod.ref), uid=pod.uid, netns=pod.netns_path, ips=list(pod.ips),
+                 **steps.laps)
 
     async def _remove(self, uid: str, *, pod_deleted: bool) -> None:
         """agent-behaviour.md §5: probe set → in-pod rules (live pods only) → forget → ztunnel Del.
@@ -415,3 +424,16 @@ def pod_from_request(req: CniRequest) -> Pod:
 
 def _workload_info(pod: Pod) -> WorkloadInfo:
     return WorkloadInfo(name=pod.name, namespace=pod.namespace, service_account=pod.service_account)
+
+
+class _Stopwatch:
+    """Milliseconds per named step, for the enrolment log line."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self._last) * 1000, 2)
+        self._last = now

@@ -33,3 +33,9 @@ def test_rules_bench_runs_every_variant() -> None:
 def test_shim_bench_runs(shim: Path) -> None:
     out = _bench("shim", BENCH_N="3")
     assert "ambient-cni ADD, exec + agent round trip" in out, out
+
+
+def test_pod_add_bench_runs(shim: Path) -> None:
+    out = _bench("add", BENCH_ADD_N="2")
+    for backend in ("nftables", "iptables-legacy"):
+        assert f"  {backend} " in out, out
