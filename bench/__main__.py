@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [shim|rules|add ...]`: run benchmarks (default: all); medians and ratios."""
+"""`make bench` / `python -m bench [shim|rules|add ...]`: run benchmarks (default: all); medians, ratios."""
 
 from __future__ import annotations
 
