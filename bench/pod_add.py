@@ -48,8 +48,9 @@ def _records(log_text: str, event: str) -> list[dict[str, object]]:
 
 def measure(backend: str, n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="acni-bench-add-") as tmp:
-        env = LocalEnv(Path(tmp), SHIM, rules_backend=backend, agent_args=("--log-level", "info")).start()
+        env = LocalEnv(Path(tmp), SHIM, rules_backend=backend, agent_args=("--log-level", "info"))
         try:
+            env.start()
             for i in range(n + WARMUP):
                 env.node.add_pod(f"bench-{i}", "bench")
             log_text = env.agent.log()
@@ -58,7 +59,8 @@ def measure(backend: str, n: int) -> dict[str, float]:
     enrolled = _records(log_text, "pod enrolled")[WARMUP:]
     handled = [r for r in _records(log_text, "CNI request") if r.get("command") == "ADD"][WARMUP:]
     if len(enrolled) != n or len(handled) != n:
-        raise RuntimeError(f"{backend}: expected {n} enrolments, the agent log has {len(enrolled)}")
+        raise RuntimeError(f"{backend}: expected {n} enrolments, the agent log has {len(enrolled)} "
+                           f"enrolments and {len(handled)} ADD requests")
     result = {step: statistics.median(float(str(r[step])) for r in enrolled) for step in STEPS}
     result["handler_ms"] = statistics.median(float(str(r["ms"])) for r in handled)
     return result

@@ -18,9 +18,10 @@ Two backends behind the `HostProbe` protocol, matching the in-pod backend (spec 
   `--socket-exists`, so it matches the kubelet's socket UID, discovered from /proc.
 
 All kernel work runs on the NetnsWorker's host thread (`call_host`): libiptc caches are process-wide
-and the worker serialises them with in-pod work; netlink and libnftables contexts are opened per job
-on that thread so they bind to the host netns. Public methods block until the job is done; from
-asyncio call them with `asyncio.to_thread`.
+and the worker serialises them with in-pod work. The ipset socket and the libnftables context are
+opened on that thread inside a host job, so they bind to the host netns, and are then kept: closing
+a netfilter socket after a deleting transaction waits ~12 ms (engineering notes). Public methods
+block until the job is done; from asyncio call them with `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import structlog
 from pyroute2 import NetlinkError
 from pyroute2.ipset import IPSet
 
-from cni_agent.redirect.iptc import RulesError, build_iptc_rule, iptc_session, legacy_tables_present
+from cni_agent.redirect.iptc import RulesError, build_iptc_rule, existing_tables, iptc_session
 from cni_agent.redirect.rules import (
     HOST_CHAIN_POSTRT,
     NFT_TABLE_NAT,
@@ -506,8 +507,11 @@ class IptablesHostProbe(_ProbeBase):
             self._ips = IPSet()
         try:
             yield self._ips
-        except OSError as exc:
-            if not isinstance(exc, NetlinkError):
+        except BaseException as exc:
+            # callers wrap errors in HostProbeError: look at the cause. A kernel answer (NetlinkError)
+            # leaves the socket fine; any other OSError means the socket itself is gone.
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if isinstance(cause, OSError) and not isinstance(cause, NetlinkError):
                 ips, self._ips = self._ips, None
                 with contextlib.suppress(Exception):
                     ips.close()
@@ -565,8 +569,8 @@ class IptablesHostProbe(_ProbeBase):
     def _remove_rules(self, family: int) -> None:
         """Drop our POSTROUTING jump and chain for one family; a missing table or chain is fine."""
         chain_name = self.config.chain
-        if not legacy_tables_present(family):
-            return  # no table at all, so nothing of ours; opening one would create it
+        if "nat" not in existing_tables(family):
+            return  # no nat table, so nothing of ours; opening it would create it
         try:
             with iptc_session(family, ("nat",)) as tables:
                 nat = tables.get("nat")

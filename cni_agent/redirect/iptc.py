@@ -114,7 +114,8 @@ def iptc_session(family: int, names: Iterable[str]) -> Iterator[dict[str, Any]]:
     """
     table_cls, _rule_cls, _available = _family_api(family)
     known: dict[str, bool] = table_cls.existing_table_names
-    wanted = [name for name in table_cls.ALL if name in set(names)]
+    asked = set(names)
+    wanted = [name for name in table_cls.ALL if name in asked]
     tables: dict[str, Any] = {}
     try:
         _ensure_nat_targets(family)

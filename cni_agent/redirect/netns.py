@@ -75,6 +75,18 @@ def _setns(fd: int) -> None:
         raise NetnsError(err, f"setns(fd={fd}, CLONE_NEWNET) failed: {os.strerror(err)}")
 
 
+def join_main_thread_netns() -> None:
+    """Move the calling thread into the netns of the process's main thread (`/proc/self` is the
+    thread-group leader), which never leaves home in this agent. For helper threads: a thread
+    starts in its creator's netns, and one started from a pod job would otherwise keep that pod's
+    netns alive for as long as it lives."""
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _Job:
     netns_fd: int | None  # None = run in the host netns (serialises host-side libiptc use too)

@@ -16,15 +16,19 @@ leaves byte-identical to libnftables' (tests/integration/test_nft_batch.py).
 
 libnftables' JSON API stays the authority for everything else: a netns that already holds our tables
 (reconcile), a variant the compiler does not support, a batch the kernel refused (libnftables retries
-and reports its own error), listings for `matches`, and delete. JSON rather than `nft -f` text
+and reports its own error), and listings for `matches`. Removal is a precompiled delete batch too
+(`nftbatch.delete_batch`), for a different reason: its socket must be closed off the worker thread
+(a deleting transaction makes `close` wait ~12 ms), and libnftables contexts must not be freed on
+another thread. JSON rather than `nft -f` text
 because the input is data, not a language: an interface name from an annotation can never change a
 command's meaning, and nft's JSON listing is what `matches` compares against (text would be ~0.2 ms
 faster inside libnftables). Not `nft -j -f -`: process start-up alone is most of the per-pod budget.
 
 libnftables quirk: a context opens its netlink socket in `nft_ctx_new`, so it is bound to the netns of
 the thread that created it (a context made in the host netns and used after setns writes to the HOST).
-Every call therefore creates a fresh context inside the worker's current netns and drops it before
-returning; contexts are never cached or shared between namespaces.
+Every pod call therefore creates a fresh context inside the worker's current netns and frees it on
+that thread before returning; pod contexts are never cached or shared between namespaces (the host
+probe keeps one for the host netns, see hostprobe.py).
 
 Apply strategy: read the table names first (one raw netlink dump, ~0.03 ms; see `_Nfnl`). Nothing
 of ours (a fresh pod) → the precompiled batch, whose NLM_F_EXCL tables abort it if one appeared
@@ -51,7 +55,8 @@ from typing import Any, Literal
 
 import structlog
 
-from cni_agent.redirect.nftbatch import Batch, fresh_batch
+from cni_agent.redirect.netns import join_main_thread_netns
+from cni_agent.redirect.nftbatch import Batch, delete_batch, fresh_batch
 from cni_agent.redirect.rules import (
     NFT_BASE_CHAINS,
     NFT_FAMILY,
@@ -132,8 +137,13 @@ class _Libnftables:
 
 @functools.cache
 def _closer() -> concurrent.futures.ThreadPoolExecutor:
-    """One background thread that releases netlink resources (see `_Nft.close`)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-close")
+    """One background thread that closes raw netlink sockets after deleting transactions (see
+    `_Nfnl.close_later`). It joins the main thread's netns first: a thread starts in its creator's
+    netns, and this one is first started from a pod job. Only plain sockets are closed there,
+    never libnftables contexts: `nft_ctx_free` empties a process-wide interface cache without a
+    lock, which races with a listing on the worker (a segfault, reproduced)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-close",
+                                                 initializer=join_main_thread_netns)
 
 
 @functools.cache
@@ -158,15 +168,12 @@ class _Nft:
             self._ctx = self._lib.new_ctx()  # binds to the calling thread's netns NOW
 
     def close(self) -> None:
-        """Free the context on the closer thread: closing a netfilter netlink socket whose
-        transaction deleted anything waits for an RCU grace period (~12-15 ms here), which would
-        stall every other pod queued on the netns worker. Nothing uses the context afterwards."""
+        """Free the context here, on the thread that used it (see `_closer` for why not elsewhere).
+        Paths that delete through libnftables (drift repair) then wait ~12 ms in `close`; the hot
+        paths (fresh pod, remove) do not use libnftables."""
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
-            try:
-                _closer().submit(self._lib.ctx_free, ctx)
-            except RuntimeError:  # interpreter shutting down: no new threads, free it here
-                self._lib.ctx_free(ctx)
+            self._lib.ctx_free(ctx)
 
     def __enter__(self) -> _Nft:
         return self
@@ -271,6 +278,17 @@ class _Nfnl:
 
     def __exit__(self, *exc: object) -> None:
         self._sock.close()
+
+    def close_later(self) -> None:
+        """After a transaction that deleted something: closing the socket waits for an RCU grace
+        period (10-15 ms here, engineering notes), so hand it to the closer thread instead of
+        stalling the worker. The socket is not used again; `__exit__` then closes nothing."""
+        sock = self._sock.dup()  # the closer owns this one; ours is closed now (no wait: a dup remains)
+        self._sock.close()
+        try:
+            _closer().submit(sock.close)
+        except RuntimeError:  # interpreter shutting down
+            sock.close()
 
     def table_names(self) -> set[str]:
         """Names of the `inet` tables here, by one NFT_MSG_GETTABLE dump."""
@@ -395,7 +413,7 @@ def _apply_text(rulesets: tuple[RuleSet, ...], fresh: bool = False) -> str:
     if fresh:
         # no table of ours exists: nothing to flush, and an unused table (raw with DNS capture off)
         # needs no add+delete pair (a delete would make closing the context wait ~12 ms)
-        unused = {c["delete"]["table"]["name"] for c in commands if "delete" in c}
+        unused = {c["delete"].get("table", {}).get("name") for c in commands if "delete" in c}
         commands = [c for c in commands if "flush" not in c and "delete" not in c
                     and c.get("add", {}).get("table", {}).get("name") not in unused]
     return json.dumps({"nftables": commands}, separators=(",", ":"))
@@ -486,8 +504,15 @@ class NftablesBackend:
         `families` is accepted for interface parity with the iptables backend: `inet` tables hold both.
         """
         del families
-        with _Nft(self._mode) as nft:
-            nft.run(nft_delete_json(), "remove")
+        if self._mode != "binding":
+            with _Nft(self._mode) as nft:
+                nft.run(nft_delete_json(), "remove")
+            return
+        # The precompiled delete batch on a raw socket, not libnftables: the deletion makes the
+        # socket's close wait ~12 ms, and only a plain socket can be closed on another thread.
+        with _Nfnl() as nl:
+            nl.commit(delete_batch())
+            nl.close_later()
 
 
 def nft_json_supported() -> tuple[bool, str]:

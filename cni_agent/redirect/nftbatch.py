@@ -51,6 +51,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWCHAIN = 3
 NFT_MSG_NEWRULE = 6
 NFPROTO_UNSPEC = 0
@@ -382,11 +383,8 @@ def _batch_messages(rulesets: Sequence[RuleSet]) -> list[tuple[int, int, int, li
     return out
 
 
-def encode_batch(rulesets: Sequence[RuleSet]) -> Batch:
-    """BATCH_BEGIN, the fresh-pod messages (the last one asks for an ACK), BATCH_END. Raises Unsupported."""
-    messages = _batch_messages(rulesets)
-    if not messages:
-        raise Unsupported("empty rule set")
+def _framed(messages: list[tuple[int, int, int, list[bytes]]]) -> Batch:
+    """BATCH_BEGIN, the messages (the last one asks for an ACK), BATCH_END."""
     parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, NFPROTO_UNSPEC, (),
                       res_id=NFNL_SUBSYS_NFTABLES)]
     seq = 1
@@ -395,10 +393,30 @@ def encode_batch(rulesets: Sequence[RuleSet]) -> Batch:
         if i == len(messages) - 1:
             flags |= NLM_F_ACK  # the kernel acks it after the commit, or reports why the batch failed
         parts.append(_message(msg_type, flags, seq, family, attrs))
-    last_seq = seq
     parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 1, NFPROTO_UNSPEC, (),
                           res_id=NFNL_SUBSYS_NFTABLES))
-    return Batch(b"".join(parts), last_seq, len(messages))
+    return Batch(b"".join(parts), seq, len(messages))
+
+
+@functools.cache
+def delete_batch() -> Batch:
+    """Spec §8 for nft: `add table` + `delete table` for each of our tables, one transaction, so a
+    missing table is no error. Sent on a raw socket (see `nft.NftablesBackend.remove` for why)."""
+    messages: list[tuple[int, int, int, list[bytes]]] = []
+    for table in NFT_TABLES:
+        messages.append((_nft_type(NFT_MSG_NEWTABLE), NLM_F_REQUEST | NLM_F_CREATE, NFPROTO_INET,
+                         [_str(_TABLE_NAME, table), _u32(_TABLE_FLAGS, 0)]))
+        messages.append((_nft_type(NFT_MSG_DELTABLE), NLM_F_REQUEST, NFPROTO_INET,
+                         [_str(_TABLE_NAME, table)]))
+    return _framed(messages)
+
+
+def encode_batch(rulesets: Sequence[RuleSet]) -> Batch:
+    """BATCH_BEGIN, the fresh-pod messages (the last one asks for an ACK), BATCH_END. Raises Unsupported."""
+    messages = _batch_messages(rulesets)
+    if not messages:
+        raise Unsupported("empty rule set")
+    return _framed(messages)
 
 
 @functools.lru_cache(maxsize=128)

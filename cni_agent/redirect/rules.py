@@ -589,7 +589,7 @@ def nft_rules(rulesets: Sequence[RuleSet]) -> tuple[NftRule, ...]:
     """
     if not rulesets:
         raise ValueError("no rule sets")
-    by_family = {rs.family: rs for rs in rulesets}  # first rule set of each family
+    by_family = {rs.family: rs for rs in rulesets}  # one rule set per family (the last if repeated)
     first = rulesets[0]
     shape = [(r.row, r.table, r.chain) for r in first.rules]
     for rs in rulesets[1:]:

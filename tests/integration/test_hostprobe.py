@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import os
 import re
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from cni_agent.redirect.hostprobe import (
     BACKEND_NFTABLES,
     HostProbe,
     HostProbeConfig,
+    HostProbeError,
     NftHostProbe,
     make_host_probe,
     render_iptables_host_restore,
@@ -441,3 +444,28 @@ def test_nft_probe_snat_matches_only_the_kubelet_uid(
         p.uninstall()
     with contextlib.suppress(Exception):
         asyncio.run(make_dataplane(worker, BACKEND_NFTABLES, ipv6=False).uninstall(pod_fd))
+
+
+def test_kept_ipset_socket_recovers_from_a_broken_socket(fake_host: tuple[TestNetns, NetnsWorker]) -> None:
+    """The iptables probe keeps one ipset netlink socket for the host; if it dies, one call fails
+    and the next opens a fresh one (instead of every later ADD failing until a restart). The nft
+    probe's socket lives inside the libnftables context, out of reach of this kind of damage."""
+    _host, worker = fake_host
+    p = probe(BACKEND_IPTABLES, worker)
+    p.install()
+    p.upsert("10.200.0.1", "uid-a")
+    assert p._ips is not None  # type: ignore[attr-defined]
+
+    class DeadSocket:  # what a kept socket that lost its fd answers (EBADF), without reusing fds
+        def __getattr__(self, name: str) -> Any:
+            if name == "close":
+                return lambda: None
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    p._ips = DeadSocket()  # type: ignore[attr-defined]
+    with pytest.raises(HostProbeError, match="Bad file descriptor"):
+        p.upsert("10.200.0.2", "uid-b")
+    assert p._ips is None  # type: ignore[attr-defined]
+    p.upsert("10.200.0.3", "uid-c")
+    assert p.entries() == {"10.200.0.1": "uid-a", "10.200.0.3": "uid-c"}
+    p.uninstall()

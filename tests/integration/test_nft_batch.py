@@ -186,3 +186,31 @@ def test_leftover_unused_table_is_removed_through_libnftables(
     names = [d.decoded().get_attr("NFTA_TABLE_NAME") for d in _state(worker, ns)["table"]]
     assert names == ["istio-ambient-nat", "istio-ambient-mangle"]
     assert worker.call(ns.open(), lambda: NftablesBackend().matches(rs))
+
+
+def test_remove_deletes_exactly_our_tables_and_never_waits_on_the_worker(
+    worker: NetnsWorker, new_ns: NetnsFactory
+) -> None:
+    """Removal is the precompiled delete batch: our three tables go in one transaction, absent ones
+    are fine, other tables stay; its socket is closed by the closer thread, which lives in the main
+    thread's netns (it must not keep the pod's netns alive)."""
+    import os
+    import threading
+
+    ns, empty = new_ns(), new_ns()
+    ns.exec(["nft", "add table inet foreign; add chain inet foreign c; add table ip istio-ambient-nat"],
+            check=True)
+    worker.call(ns.open(), lambda: NftablesBackend().apply(rulesets(RuleSettings(), (4, 6))))
+    worker.call(ns.open(), lambda: NftablesBackend().remove())
+    out = ns.exec(["nft", "list", "tables"], check=True).stdout
+    assert "inet istio-ambient" not in out
+    assert "table inet foreign" in out and "table ip istio-ambient-nat" in out  # other family: not ours
+    worker.call(empty.open(), lambda: NftablesBackend().remove())
+    assert ns.exec(["nft", "list", "tables"], check=True).stdout == out
+    assert empty.exec(["nft", "list", "tables"], check=True).stdout == ""
+
+    closer = [t for t in threading.enumerate() if t.name.startswith("nft-close")]
+    assert closer, "the delete batch's socket was not handed to the closer thread"
+    assert closer[0].native_id is not None
+    closer_netns = os.stat(f"/proc/self/task/{closer[0].native_id}/ns/net").st_ino
+    assert closer_netns == os.stat("/proc/self/ns/net").st_ino
