@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,8 @@ class LocalNode:
         self.runner = CniRunner([str(self.bin_dir), SYSTEM_CNI_DIR], node_netns=self.node_netns)
         self.pods: list[NodePod] = []
         self._netns: list[str] = []
+        self._lock = threading.Lock()  # pods may be added and removed from several threads at once
+        self._serial = 0
 
     @property
     def gateway(self) -> str:
@@ -143,16 +146,18 @@ class LocalNode:
 
         Pass the `uid` of an earlier pod to model kubelet re-creating a pod's sandbox.
         """
-        pod = NodePod(
-            name=name,
-            namespace=namespace,
-            uid=uid or str(uuid.uuid4()),
-            container_id=secrets.token_hex(32),
-            netns_name=f"acni-{self.tag}-{len(self.pods)}",
-        )
-        self.pods.append(pod)
+        with self._lock:
+            pod = NodePod(
+                name=name,
+                namespace=namespace,
+                uid=uid or str(uuid.uuid4()),
+                container_id=secrets.token_hex(32),
+                netns_name=f"acni-{self.tag}-{self._serial}",
+            )
+            self._serial += 1
+            self.pods.append(pod)
+            self._netns.append(pod.netns_name)
         _ip("netns", "add", pod.netns_name)
-        self._netns.append(pod.netns_name)
         self.runner.add(self.loopback, pod.container_id, pod.netns_path, "lo", pod.args)
         pod.result = self.runner.add(self.conflist, pod.container_id, pod.netns_path, "eth0", pod.args)
         return pod
@@ -163,16 +168,18 @@ class LocalNode:
             self.conflist, pod.container_id, pod.netns_path, "eth0", pod.args, pod.result or None
         )
         self.runner.delete(self.loopback, pod.container_id, pod.netns_path, "lo", pod.args)
-        if pod in self.pods:
-            self.pods.remove(pod)
+        with self._lock:
+            if pod in self.pods:
+                self.pods.remove(pod)
         self._del_netns(pod.netns_name)
 
     def exec(self, netns: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, **kw)
 
     def _del_netns(self, name: str) -> None:
-        if name in self._netns:
-            self._netns.remove(name)
+        with self._lock:
+            if name in self._netns:
+                self._netns.remove(name)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
     def close(self) -> None:
