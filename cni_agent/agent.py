@@ -262,7 +262,7 @@ class Agent:
         steps.lap("ztunnel_ms")
         try:
             for ip in pod.ips:
-                await asyncio.to_thread(self.probe.upsert, ip, pod.uid)
+                await self.probe.upsert_async(ip, pod.uid)
         except Exception as exc:
             st.last_error = f"probe set: {exc}"
             raise CniError(
@@ -286,7 +286,7 @@ class Agent:
             log.debug("DEL for unknown pod", uid=uid)
         for ip in entry.pod.ips if entry is not None else ():
             try:
-                await asyncio.to_thread(self.probe.remove, ip, uid)
+                await self.probe.remove_async(ip, uid)
             except Exception as exc:
                 log.warning("could not remove pod IP from the probe set", uid=uid, ip=ip, error=str(exc))
         if entry is not None and not pod_deleted and entry.netns_fd is not None:

@@ -335,6 +335,12 @@ class HostProbe(Protocol):
     def remove(self, ip: str, uid: str) -> bool:
         """Pod removed: delete the IP's entry only if it carries `uid`; False when kept or absent."""
 
+    async def upsert_async(self, ip: str, uid: str) -> None:
+        """`upsert` from the event loop: one hop to the worker instead of two (~0.12 ms per pod)."""
+
+    async def remove_async(self, ip: str, uid: str) -> bool:
+        """`remove` from the event loop."""
+
     def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
         """Startup reconcile to `wanted` ({ip: uid}); never flushes; prune only when told to."""
 
@@ -346,9 +352,11 @@ class HostProbe(Protocol):
 
 
 class HostRunner(Protocol):
-    """Runs a job on the thread that owns host-side kernel state (NetnsWorker.call_host)."""
+    """Runs a job on the thread that owns host-side kernel state (NetnsWorker.call_host/run_host)."""
 
     def call_host(self, fn: Callable[[], T]) -> T: ...
+
+    async def run_host(self, fn: Callable[[], T]) -> T: ...
 
 
 class _ProbeBase:
@@ -400,14 +408,31 @@ class _ProbeBase:
                 return
 
     def upsert(self, ip: str, uid: str) -> None:
+        job = self._upsert_job(ip, uid)
+        if job is not None:
+            self._host(job)
+
+    def remove(self, ip: str, uid: str) -> bool:
+        return self._host(self._remove_job(ip, uid))
+
+    async def upsert_async(self, ip: str, uid: str) -> None:
+        job = self._upsert_job(ip, uid)
+        if job is not None:
+            await self._worker.run_host(job)
+
+    async def remove_async(self, ip: str, uid: str) -> bool:
+        return await self._worker.run_host(self._remove_job(ip, uid))
+
+    def _upsert_job(self, ip: str, uid: str) -> Callable[[], None] | None:
+        """Validate here (caller's thread), return the host job; None when the family is off."""
         family, canon = normalize_ip(ip)
         check_uid(uid)
         if family not in self.config.families():
             log.debug("host probe: IPv6 disabled, not adding", ip=canon, uid=uid)
-            return
-        self._host(lambda: self._k_put(family, canon, uid))
+            return None
+        return lambda: self._k_put(family, canon, uid)
 
-    def remove(self, ip: str, uid: str) -> bool:
+    def _remove_job(self, ip: str, uid: str) -> Callable[[], bool]:
         family, canon = normalize_ip(ip)
 
         def job() -> bool:
@@ -420,7 +445,7 @@ class _ProbeBase:
             self._k_delete(family, canon)
             return True
 
-        return self._host(job)
+        return job
 
     def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
         normalized: dict[int, dict[str, str]] = {f: {} for f in self.config.families()}
@@ -737,6 +762,12 @@ class DisabledHostProbe:
     def remove(self, ip: str, uid: str) -> bool:
         normalize_ip(ip)
         return False
+
+    async def upsert_async(self, ip: str, uid: str) -> None:
+        self.upsert(ip, uid)
+
+    async def remove_async(self, ip: str, uid: str) -> bool:
+        return self.remove(ip, uid)
 
     def sync(self, wanted: Mapping[str, str], *, prune: bool) -> SyncReport:
         return SyncReport(prune_skipped=not prune)

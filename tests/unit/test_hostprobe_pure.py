@@ -163,6 +163,9 @@ class _Direct:
     def call_host(self, fn: Callable[[], T]) -> T:
         return fn()
 
+    async def run_host(self, fn: Callable[[], T]) -> T:
+        return fn()
+
 
 class _MemoryProbe(_ProbeBase):
     name = "memory"
@@ -336,3 +339,23 @@ def test_discover_on_this_machine_does_not_crash() -> None:
     uid = discover_kubelet_uid("/proc")
     assert uid is None or uid >= 0
     assert os.path.isdir("/proc/1")
+
+
+def test_async_variants_share_the_sync_semantics() -> None:
+    """The agent calls the async forms from the event loop; validation and the UID guard are the same."""
+    import asyncio
+
+    p = _MemoryProbe(HostProbeConfig(ipv6=False))
+
+    async def scenario() -> tuple[bool, bool]:
+        await p.upsert_async("10.0.0.1", "a")
+        await p.upsert_async("fd00::1", "b")  # IPv6 off: not added
+        with pytest.raises(ValueError):
+            await p.upsert_async("not-an-ip", "c")
+        kept = await p.remove_async("10.0.0.1", "someone-else")
+        removed = await p.remove_async("10.0.0.1", "a")
+        return kept, removed
+
+    kept, removed = asyncio.run(scenario())
+    assert (kept, removed) == (False, True)
+    assert p.entries() == {}
