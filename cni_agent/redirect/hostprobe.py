@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -497,21 +498,90 @@ def _ipset_af(family: int) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-def _ipset_entries(messages: Iterable[Any]) -> dict[str, str]:
-    """{ip: comment} from pyroute2 IPSET_CMD_LIST replies (one set, possibly many parts)."""
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_IPSET = 6
+_IPSET_CMD_LIST = 7
+_IPSET_PROTOCOL = 6  # the oldest protocol every ipset kernel module still accepts
+_IPSET_ATTR_PROTOCOL, _IPSET_ATTR_SETNAME, _IPSET_ATTR_DATA, _IPSET_ATTR_ADT = 1, 2, 7, 8
+_IPSET_ATTR_IP, _IPSET_ATTR_COMMENT = 1, 26
+_IPSET_ATTR_IPADDR_IPV4, _IPSET_ATTR_IPADDR_IPV6 = 1, 2
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = _NLA.size + len(payload)
+    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _nlas(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type without flags, payload start, payload end) of each attribute in buf[start:end]."""
+    pos = start
+    while pos + _NLA.size <= end:
+        length, kind = _NLA.unpack_from(buf, pos)
+        if length < _NLA.size:
+            return
+        yield kind & 0x3FFF, pos + _NLA.size, min(pos + length, end)
+        pos += (length + 3) & ~3
+
+
+def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
+    """{ip: comment} from one IPSET_CMD_LIST reply message body (pure; attributes after nfgenmsg)."""
     out: dict[str, str] = {}
-    for msg in messages:
-        adt = msg.get_attr("IPSET_ATTR_ADT")
-        if adt is None:
+    for kind, a0, a1 in _nlas(buf, start, end):
+        if kind != _IPSET_ATTR_ADT:
             continue
-        for data in adt.get_attrs("IPSET_ATTR_DATA"):
-            ip_from = data.get_attr("IPSET_ATTR_IP_FROM")
-            if ip_from is None:
+        for dkind, d0, d1 in _nlas(buf, a0, a1):
+            if dkind != _IPSET_ATTR_DATA:
                 continue
-            ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip_from.get_attr("IPSET_ATTR_IPADDR_IPV6")
+            ip, comment = "", ""
+            for ekind, e0, e1 in _nlas(buf, d0, d1):
+                if ekind == _IPSET_ATTR_IP:
+                    for ikind, i0, i1 in _nlas(buf, e0, e1):
+                        if ikind == _IPSET_ATTR_IPADDR_IPV4 and i1 - i0 == 4:
+                            ip = socket.inet_ntop(socket.AF_INET, buf[i0:i1])
+                        elif ikind == _IPSET_ATTR_IPADDR_IPV6 and i1 - i0 == 16:
+                            ip = normalize_ip(socket.inet_ntop(socket.AF_INET6, buf[i0:i1]))[1]
+                elif ekind == _IPSET_ATTR_COMMENT:
+                    comment = buf[e0:e1].split(b"\0", 1)[0].decode(errors="replace")
             if ip:
-                out[normalize_ip(str(ip))[1]] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
+                out[ip] = comment
     return out
+
+
+def ipset_list_entries(name: str) -> dict[str, str]:
+    """{ip: comment} of one ipset in the calling thread's netns, over raw netlink.
+
+    Why not pyroute2's `IPSet.list`: it decodes every element into message objects, ~5 ms for 120
+    pods' entries against ~0.5 ms here, and the probe `remove` of every DEL reads the whole set
+    (the UID check needs the comments), on the worker that also serves other pods' ADDs. Raises
+    OSError with the kernel's errno (ENOENT: no such set).
+    """
+    body = (struct.pack("=BBH", socket.AF_INET, 0, 0) + _nla(_IPSET_ATTR_PROTOCOL, bytes([_IPSET_PROTOCOL]))
+            + _nla(_IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST,
+                             0x1 | 0x300, 1, 0) + body  # NLM_F_REQUEST | NLM_F_DUMP
+    out: dict[str, str] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(5.0)
+        sock.bind((0, 0))
+        sock.send(request)
+        while True:
+            buf = sock.recv(1 << 20)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(buf):
+                length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
+                if length < _NLMSGHDR.size:
+                    raise OSError(errno.EPROTO, "malformed netlink reply to ipset list")
+                if msg_type == 3:  # NLMSG_DONE
+                    return out
+                if msg_type == 2:  # NLMSG_ERROR
+                    (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
+                    if code:
+                        raise OSError(-code, os.strerror(-code))
+                    return out
+                out.update(parse_ipset_list(buf, offset + _NLMSGHDR.size + 4, offset + length))
+                offset += (length + 3) & ~3
 
 
 class IptablesHostProbe(_ProbeBase):
@@ -629,13 +699,12 @@ class IptablesHostProbe(_ProbeBase):
 
     def _k_read(self, family: int) -> dict[str, str]:
         name = self.config.set_name(family)
-        with self._ipset() as ips:
-            try:
-                return _ipset_entries(ips.list(name))
-            except _NETLINK_ERRORS as exc:
-                if getattr(exc, "code", None) == errno.ENOENT:
-                    return {}
-                raise HostProbeError(f"ipset list {name}: {exc}") from exc
+        try:
+            return ipset_list_entries(name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return {}
+            raise HostProbeError(f"ipset list {name}: {exc}") from exc
 
     def _k_put(self, family: int, ip: str, uid: str) -> None:
         name = self.config.set_name(family)
