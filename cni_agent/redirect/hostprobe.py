@@ -224,7 +224,10 @@ def nft_upsert_batch(
 
 
 def parse_nft_set_elements(doc: Mapping[str, Any]) -> dict[str, str]:
-    """{canonical IP: comment} from `nft -j list set` output; uncommented elements map to ""."""
+    """{canonical IP: comment} from `nft -j list set` output; uncommented elements map to "".
+
+    The agent itself reads sets over netlink (`nft_set_entries`); this parses nft's own listing,
+    which tests and operators' tooling compare against."""
     out: dict[str, str] = {}
     for item in doc.get("nftables", ()):
         nft_set = item.get("set") if isinstance(item, Mapping) else None
@@ -368,6 +371,7 @@ class _ProbeBase:
     def __init__(self, worker: HostRunner, config: HostProbeConfig = HostProbeConfig()) -> None:
         self._worker = worker
         self.config = config
+        self._reader = _KeptNetfilterSocket()  # set reads; used inside host jobs only
 
     # primitives (run inside `_host`)
     def _k_install(self) -> None:
@@ -549,7 +553,7 @@ def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
     return out
 
 
-def ipset_list_entries(name: str) -> dict[str, str]:
+def ipset_list_entries(name: str, sock: socket.socket | None = None) -> dict[str, str]:
     """{ip: comment} of one ipset in the calling thread's netns, over raw netlink.
 
     Why not pyroute2's `IPSet.list`: it decodes every element into message objects, ~5 ms for 120
@@ -561,27 +565,130 @@ def ipset_list_entries(name: str) -> dict[str, str]:
             + _nla(_IPSET_ATTR_SETNAME, name.encode() + b"\0"))
     request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST,
                              0x1 | 0x300, 1, 0) + body  # NLM_F_REQUEST | NLM_F_DUMP
+    return _netfilter_dump(request, None, parse_ipset_list, sock)
+
+
+_NFNL_SUBSYS_NFTABLES = 10
+_NFT_MSG_NEWSETELEM, _NFT_MSG_GETSETELEM = 12, 13
+_NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+_NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_USERDATA, _NFTA_DATA_VALUE = 1, 1, 6, 1
+_NFTNL_UDATA_SET_ELEM_COMMENT = 0
+_NFPROTO_INET = 1
+
+
+def _udata_comment(buf: bytes) -> str:
+    """The comment TLV of nftnl element userdata (u8 type, u8 length, value; NUL-terminated text)."""
+    pos = 0
+    while pos + 2 <= len(buf):
+        kind, length = buf[pos], buf[pos + 1]
+        if kind == _NFTNL_UDATA_SET_ELEM_COMMENT:
+            return buf[pos + 2:pos + 2 + length].split(b"\0", 1)[0].decode(errors="replace")
+        pos += 2 + length
+    return ""
+
+
+def parse_nft_setelems(buf: bytes, start: int, end: int) -> dict[str, str]:
+    """{ip: comment} from one NFT_MSG_NEWSETELEM message body (pure; attributes after nfgenmsg).
+    Keys of 4 bytes are IPv4, 16 bytes IPv6; anything else (intervals, concatenations) is not ours."""
     out: dict[str, str] = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER) as sock:
+    for kind, a0, a1 in _nlas(buf, start, end):
+        if kind != _NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for lkind, l0, l1 in _nlas(buf, a0, a1):
+            if lkind != _NFTA_LIST_ELEM:
+                continue
+            ip, comment = "", ""
+            for ekind, e0, e1 in _nlas(buf, l0, l1):
+                if ekind == _NFTA_SET_ELEM_KEY:
+                    for dkind, d0, d1 in _nlas(buf, e0, e1):
+                        if dkind == _NFTA_DATA_VALUE and d1 - d0 == 4:
+                            ip = socket.inet_ntop(socket.AF_INET, buf[d0:d1])
+                        elif dkind == _NFTA_DATA_VALUE and d1 - d0 == 16:
+                            ip = normalize_ip(socket.inet_ntop(socket.AF_INET6, buf[d0:d1]))[1]
+                elif ekind == _NFTA_SET_ELEM_USERDATA:
+                    comment = _udata_comment(buf[e0:e1])
+            if ip:
+                out[ip] = comment
+    return out
+
+
+def nft_set_entries(table: str, name: str, sock: socket.socket | None = None) -> dict[str, str]:
+    """{ip: comment} of one `inet` nft set in the calling thread's netns, over raw netlink.
+
+    Why not a libnftables listing: every DEL's probe remove reads the set (the UID check needs the
+    comments) and libnftables renders the whole set as JSON first (~1.2 ms at 120 pods). Raises
+    OSError with the kernel's errno (ENOENT: no such table or set).
+    """
+    body = (struct.pack("=BBH", _NFPROTO_INET, 0, 0)
+            + _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETSETELEM,
+                             0x1 | 0x300, 1, 0) + body  # NLM_F_REQUEST | NLM_F_DUMP
+    return _netfilter_dump(request, (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWSETELEM, parse_nft_setelems,
+                           sock)
+
+
+def _netfilter_dump(request: bytes, reply_type: int | None,
+                    parse: Callable[[bytes, int, int], dict[str, str]],
+                    sock: socket.socket | None = None) -> dict[str, str]:
+    """Send one NETLINK_NETFILTER dump request; merge `parse` over the replies (None: any type).
+
+    `sock`: a kept socket (see `_KeptNetfilterSocket`); without one, a socket just for this call.
+    """
+    if sock is None:
+        with _netfilter_socket() as own:
+            return _netfilter_dump(request, reply_type, parse, own)
+    out: dict[str, str] = {}
+    sock.send(request)
+    while True:
+        buf = sock.recv(1 << 20)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(buf):
+            length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
+            if length < _NLMSGHDR.size:
+                raise OSError(errno.EPROTO, "malformed netlink reply")
+            if msg_type == 3:  # NLMSG_DONE
+                return out
+            if msg_type == 2:  # NLMSG_ERROR
+                (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
+                if code:
+                    raise OSError(-code, os.strerror(-code))
+                return out
+            if reply_type is None or msg_type == reply_type:
+                out.update(parse(buf, offset + _NLMSGHDR.size + 4, offset + length))
+            offset += (length + 3) & ~3
+
+
+def _netfilter_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
+    try:
         sock.settimeout(5.0)
         sock.bind((0, 0))
-        sock.send(request)
-        while True:
-            buf = sock.recv(1 << 20)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(buf):
-                length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                if length < _NLMSGHDR.size:
-                    raise OSError(errno.EPROTO, "malformed netlink reply to ipset list")
-                if msg_type == 3:  # NLMSG_DONE
-                    return out
-                if msg_type == 2:  # NLMSG_ERROR
-                    (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
-                    if code:
-                        raise OSError(-code, os.strerror(-code))
-                    return out
-                out.update(parse_ipset_list(buf, offset + _NLMSGHDR.size + 4, offset + length))
-                offset += (length + 3) & ~3
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _KeptNetfilterSocket:
+    """One raw NETLINK_NETFILTER socket for set reads in the host netns, opened on first use inside a
+    host job and kept. Why kept: closing a netfilter socket in a netns where a deleting nf_tables
+    transaction ran moments ago waits for an RCU grace period (~15 ms), and on a host that is any
+    moment (our own element deletes, kube-proxy, firewalls). A failed read drops it for a new one."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    def read(self, fn: Callable[[socket.socket], dict[str, str]]) -> dict[str, str]:
+        if self._sock is None:
+            self._sock = _netfilter_socket()
+        try:
+            return fn(self._sock)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # a kernel "no such set" leaves the socket in sync
+                sock, self._sock = self._sock, None
+                sock.close()
+            raise
 
 
 class IptablesHostProbe(_ProbeBase):
@@ -700,7 +807,7 @@ class IptablesHostProbe(_ProbeBase):
     def _k_read(self, family: int) -> dict[str, str]:
         name = self.config.set_name(family)
         try:
-            return ipset_list_entries(name)
+            return self._reader.read(lambda sock: ipset_list_entries(name, sock))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return {}
@@ -755,10 +862,6 @@ class _HostNft:
         return str(out or "")
 
 
-def _nft_missing(exc: HostProbeError) -> bool:
-    return "No such file or directory" in str(exc)
-
-
 class NftHostProbe(_ProbeBase):
     """Host table `inet istio-ambient-nat`: skuid SNAT chain and the two probe sets."""
 
@@ -799,12 +902,11 @@ class NftHostProbe(_ProbeBase):
     def _k_read(self, family: int) -> dict[str, str]:
         name = self.config.set_name(family)
         try:
-            out = self._nft.run(f"list set inet {self.config.nft_table} {name}", f"list set {name}")
-        except HostProbeError as exc:
-            if _nft_missing(exc):
+            return self._reader.read(lambda sock: nft_set_entries(self.config.nft_table, name, sock))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return {}
-            raise
-        return parse_nft_set_elements(json.loads(out)) if out.strip() else {}
+            raise HostProbeError(f"nft list set inet {self.config.nft_table} {name}: {exc}") from exc
 
     def _k_put(self, family: int, ip: str, uid: str) -> None:
         self._nft.run(nft_upsert_batch(family, ip, uid, self.config), f"upsert {ip} ({uid})")

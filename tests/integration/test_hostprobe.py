@@ -509,3 +509,32 @@ def test_raw_ipset_listing_equals_pyroute2s(fake_host: tuple[TestNetns, NetnsWor
     with pytest.raises(OSError) as exc:
         worker.call_host(lambda: ipset_list_entries("absent"))
     assert exc.value.errno == errno.ENOENT
+
+
+def test_raw_nft_set_listing_equals_libnftables(fake_host: tuple[TestNetns, NetnsWorker]) -> None:
+    """The nft probe reads its sets over raw netlink; it must see what nft's own listing shows."""
+    import json as _json
+
+    from cni_agent.redirect.hostprobe import nft_set_entries, parse_nft_set_elements
+
+    host, worker = fake_host
+    script = ["add table inet tt", "add set inet tt s4 { type ipv4_addr ; }",
+              "add set inet tt s6 { type ipv6_addr ; }"]
+    want4 = {f"10.78.{i // 200}.{i % 200 + 1}": f"uid-{i}" for i in range(300)}
+    want4["10.78.9.9"] = ""
+    elems = ", ".join(f'{ip} comment "{c}"' if c else ip for ip, c in want4.items())
+    script.append(f"add element inet tt s4 {{ {elems} }}")
+    script.append('add element inet tt s6 { fd00:78::1 comment "v6 uid é", fd00:78::2 }')
+    host.exec(["nft", "-f", "-"], input="\n".join(script) + "\n", check=True)
+
+    def listed(name: str) -> dict[str, str]:
+        out = host.exec(["nft", "-j", "list", "set", "inet", "tt", name], check=True).stdout
+        return parse_nft_set_elements(_json.loads(out))
+
+    raw4, raw6 = worker.call_host(lambda: (nft_set_entries("tt", "s4"), nft_set_entries("tt", "s6")))
+    assert raw4 == listed("s4") == want4
+    assert raw6 == listed("s6") == {"fd00:78::1": "v6 uid é", "fd00:78::2": ""}
+    for table, name in (("tt", "absent"), ("no-such-table", "s4")):
+        with pytest.raises(OSError) as exc:
+            worker.call_host(lambda t=table, n=name: nft_set_entries(t, n))  # type: ignore[misc]
+        assert exc.value.errno == errno.ENOENT

@@ -359,3 +359,25 @@ def test_async_variants_share_the_sync_semantics() -> None:
     kept, removed = asyncio.run(scenario())
     assert (kept, removed) == (False, True)
     assert p.entries() == {}
+
+
+def test_kept_netfilter_socket_survives_enoent_and_is_replaced_after_other_errors() -> None:
+    import errno as _errno
+
+    from cni_agent.redirect.hostprobe import _KeptNetfilterSocket
+
+    kept = _KeptNetfilterSocket()
+    seen: list[object] = []
+
+    def fail(code: int) -> Callable[[object], dict[str, str]]:
+        def read(sock: object) -> dict[str, str]:
+            seen.append(sock)
+            raise OSError(code, "x")
+        return read
+
+    with pytest.raises(OSError):
+        kept.read(fail(_errno.ENOENT))  # "no such set": the socket stays
+    with pytest.raises(OSError):
+        kept.read(fail(_errno.EBADF))  # anything else: dropped
+    assert kept.read(lambda sock: {"s": str(id(sock))}) == {"s": str(id(kept._sock))}
+    assert seen[0] is seen[1] and kept._sock is not seen[1]
