@@ -10,18 +10,21 @@ got the same IP.
 
 Two backends behind the `HostProbe` protocol, matching the in-pod backend (spec §10 rule 3):
 - `IptablesHostProbe`: nat `ISTIO_POSTRT` via python-iptables (one libiptc commit per family, so the
-  old rules are replaced without a window), sets through netlink with pyroute2's `IPSet`. Netlink
-  instead of the `ipset` CLI: no fork/exec per pod, no binary needed in the image, errors as codes,
-  and the socket binds to the netns of the thread that opens it (the worker's host thread).
-- `NftHostProbe`: host table `inet istio-ambient-nat` through libnftables' JSON API (one transaction
-  per operation; JSON so a pod UID never has to be quoted into nft syntax). nft cannot express
-  `--socket-exists`, so it matches the kubelet's socket UID, discovered from /proc.
+  old rules are replaced without a window), set writes through netlink with pyroute2's `IPSet`.
+  Netlink instead of the `ipset` CLI: no fork/exec per pod, no binary needed in the image, errors
+  as codes, and the socket binds to the netns of the thread that opens it (the worker's host thread).
+- `NftHostProbe`: host table `inet istio-ambient-nat`, writes through libnftables' JSON API (one
+  transaction per operation; JSON so a pod UID never has to be quoted into nft syntax). nft cannot
+  express `--socket-exists`, so it matches the kubelet's socket UID, discovered from /proc.
+Both read their sets over raw netlink (`ipset_list_entries`, `nft_set_entries`): every DEL reads
+the whole set (the UID guard needs the comments) and the libraries' decoders cost 1-5 ms there.
 
-All kernel work runs on the NetnsWorker's host thread (`call_host`): libiptc caches are process-wide
-and the worker serialises them with in-pod work. The ipset socket and the libnftables context are
-opened on that thread inside a host job, so they bind to the host netns, and are then kept: closing
-a netfilter socket after a deleting transaction waits ~12 ms (engineering notes). Public methods
-block until the job is done; from asyncio call them with `asyncio.to_thread`.
+All kernel work runs on the NetnsWorker's host thread: libiptc caches are process-wide and the
+worker serialises them with in-pod work. The ipset socket, the libnftables context and the raw read
+socket are opened on that thread inside a host job, so they bind to the host netns, and are then
+kept: closing a netfilter socket in a netns where nf_tables just deleted something waits ~15 ms
+(engineering notes). The sync methods block until the job is done (from asyncio, use
+`asyncio.to_thread`); `upsert_async`/`remove_async` await the worker directly.
 """
 
 from __future__ import annotations
@@ -392,6 +395,9 @@ class _ProbeBase:
     def _host(self, fn: Callable[[], T]) -> T:
         return self._worker.call_host(fn)
 
+    async def _host_async(self, fn: Callable[[], T]) -> T:
+        return await self._worker.run_host(fn)
+
     def _prepare(self) -> None:
         """Work done before install that must not run on the worker (e.g. /proc scans)."""
 
@@ -423,10 +429,10 @@ class _ProbeBase:
     async def upsert_async(self, ip: str, uid: str) -> None:
         job = self._upsert_job(ip, uid)
         if job is not None:
-            await self._worker.run_host(job)
+            await self._host_async(job)
 
     async def remove_async(self, ip: str, uid: str) -> bool:
-        return await self._worker.run_host(self._remove_job(ip, uid))
+        return await self._host_async(self._remove_job(ip, uid))
 
     def _upsert_job(self, ip: str, uid: str) -> Callable[[], None] | None:
         """Validate here (caller's thread), return the host job; None when the family is off."""
@@ -529,6 +535,12 @@ def _nlas(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         pos += (length + 3) & ~3
 
 
+def _v6_key(raw: bytes) -> str:
+    """A key read from an IPv6 set, in the canonical text `normalize_ip` writes. A v4-mapped key is
+    NOT unmapped: it is an entry of the v6 set (never one we wrote), and deleting it must name it so."""
+    return str(ipaddress.IPv6Address(raw))
+
+
 def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
     """{ip: comment} from one IPSET_CMD_LIST reply message body (pure; attributes after nfgenmsg)."""
     out: dict[str, str] = {}
@@ -545,7 +557,7 @@ def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
                         if ikind == _IPSET_ATTR_IPADDR_IPV4 and i1 - i0 == 4:
                             ip = socket.inet_ntop(socket.AF_INET, buf[i0:i1])
                         elif ikind == _IPSET_ATTR_IPADDR_IPV6 and i1 - i0 == 16:
-                            ip = normalize_ip(socket.inet_ntop(socket.AF_INET6, buf[i0:i1]))[1]
+                            ip = _v6_key(buf[i0:i1])
                 elif ekind == _IPSET_ATTR_COMMENT:
                     comment = buf[e0:e1].split(b"\0", 1)[0].decode(errors="replace")
             if ip:
@@ -553,7 +565,7 @@ def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
     return out
 
 
-def ipset_list_entries(name: str, sock: socket.socket | None = None) -> dict[str, str]:
+def ipset_list_entries(name: str, sock: _KeptNetfilterSocket | None = None) -> dict[str, str]:
     """{ip: comment} of one ipset in the calling thread's netns, over raw netlink.
 
     Why not pyroute2's `IPSet.list`: it decodes every element into message objects, ~5 ms for 120
@@ -563,17 +575,20 @@ def ipset_list_entries(name: str, sock: socket.socket | None = None) -> dict[str
     """
     body = (struct.pack("=BBH", socket.AF_INET, 0, 0) + _nla(_IPSET_ATTR_PROTOCOL, bytes([_IPSET_PROTOCOL]))
             + _nla(_IPSET_ATTR_SETNAME, name.encode() + b"\0"))
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST,
-                             0x1 | 0x300, 1, 0) + body  # NLM_F_REQUEST | NLM_F_DUMP
-    return _netfilter_dump(request, None, parse_ipset_list, sock)
+    entries, _gens = _netfilter_dump((_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST, body, None,
+                                     parse_ipset_list, sock)
+    return entries
 
 
 _NFNL_SUBSYS_NFTABLES = 10
 _NFT_MSG_NEWSETELEM, _NFT_MSG_GETSETELEM = 12, 13
 _NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-_NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_USERDATA, _NFTA_DATA_VALUE = 1, 1, 6, 1
+_NFTA_LIST_ELEM, _NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_FLAGS, _NFTA_SET_ELEM_USERDATA = 1, 1, 3, 6
+_NFTA_DATA_VALUE = 1
+_NFT_SET_ELEM_INTERVAL_END = 0x1
 _NFTNL_UDATA_SET_ELEM_COMMENT = 0
 _NFPROTO_INET = 1
+_DUMP_RETRIES = 3
 
 
 def _udata_comment(buf: bytes) -> str:
@@ -589,7 +604,8 @@ def _udata_comment(buf: bytes) -> str:
 
 def parse_nft_setelems(buf: bytes, start: int, end: int) -> dict[str, str]:
     """{ip: comment} from one NFT_MSG_NEWSETELEM message body (pure; attributes after nfgenmsg).
-    Keys of 4 bytes are IPv4, 16 bytes IPv6; anything else (intervals, concatenations) is not ours."""
+    Keys of 4 bytes are IPv4, 16 bytes IPv6; interval ends, catch-all elements (no key) and other
+    key sizes are not ours and are skipped."""
     out: dict[str, str] = {}
     for kind, a0, a1 in _nlas(buf, start, end):
         if kind != _NFTA_SET_ELEM_LIST_ELEMENTS:
@@ -597,66 +613,90 @@ def parse_nft_setelems(buf: bytes, start: int, end: int) -> dict[str, str]:
         for lkind, l0, l1 in _nlas(buf, a0, a1):
             if lkind != _NFTA_LIST_ELEM:
                 continue
-            ip, comment = "", ""
+            ip, comment, flags = "", "", 0
             for ekind, e0, e1 in _nlas(buf, l0, l1):
                 if ekind == _NFTA_SET_ELEM_KEY:
                     for dkind, d0, d1 in _nlas(buf, e0, e1):
                         if dkind == _NFTA_DATA_VALUE and d1 - d0 == 4:
                             ip = socket.inet_ntop(socket.AF_INET, buf[d0:d1])
                         elif dkind == _NFTA_DATA_VALUE and d1 - d0 == 16:
-                            ip = normalize_ip(socket.inet_ntop(socket.AF_INET6, buf[d0:d1]))[1]
+                            ip = _v6_key(buf[d0:d1])
+                elif ekind == _NFTA_SET_ELEM_FLAGS and e1 - e0 == 4:
+                    (flags,) = struct.unpack_from(">I", buf, e0)
                 elif ekind == _NFTA_SET_ELEM_USERDATA:
                     comment = _udata_comment(buf[e0:e1])
-            if ip:
+            if ip and not flags & _NFT_SET_ELEM_INTERVAL_END:
                 out[ip] = comment
     return out
 
 
-def nft_set_entries(table: str, name: str, sock: socket.socket | None = None) -> dict[str, str]:
+def nft_set_entries(table: str, name: str, sock: _KeptNetfilterSocket | None = None) -> dict[str, str]:
     """{ip: comment} of one `inet` nft set in the calling thread's netns, over raw netlink.
 
     Why not a libnftables listing: every DEL's probe remove reads the set (the UID check needs the
-    comments) and libnftables renders the whole set as JSON first (~1.2 ms at 120 pods). Raises
-    OSError with the kernel's errno (ENOENT: no such table or set).
+    comments) and libnftables renders the whole set as JSON first (~1.2 ms at 120 pods). A dump
+    spanning several messages is only trusted when every message carries the same ruleset
+    generation (nfgenmsg res_id); otherwise it is read again, like libnftables does. Raises OSError
+    with the kernel's errno (ENOENT: no such table or set; EAGAIN: the set kept changing).
     """
     body = (struct.pack("=BBH", _NFPROTO_INET, 0, 0)
             + _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
             + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETSETELEM,
-                             0x1 | 0x300, 1, 0) + body  # NLM_F_REQUEST | NLM_F_DUMP
-    return _netfilter_dump(request, (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWSETELEM, parse_nft_setelems,
-                           sock)
+    for _attempt in range(_DUMP_RETRIES):
+        entries, generations = _netfilter_dump(
+            (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETSETELEM, body,
+            (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWSETELEM, parse_nft_setelems, sock)
+        if len(generations) <= 1:
+            return entries
+    raise OSError(errno.EAGAIN, f"nft set {table}/{name} changed during every one of {_DUMP_RETRIES} reads")
 
 
-def _netfilter_dump(request: bytes, reply_type: int | None,
-                    parse: Callable[[bytes, int, int], dict[str, str]],
-                    sock: socket.socket | None = None) -> dict[str, str]:
-    """Send one NETLINK_NETFILTER dump request; merge `parse` over the replies (None: any type).
+def _netfilter_dump(
+    msg_type: int, body: bytes, reply_type: int | None,
+    parse: Callable[[bytes, int, int], dict[str, str]], kept: _KeptNetfilterSocket | None = None,
+) -> tuple[dict[str, str], set[int]]:
+    """One NETLINK_NETFILTER dump: merge `parse` over the replies of `reply_type` (None: any).
+    Returns the entries and the nfgenmsg res_id values seen (nf_tables: the ruleset generation).
 
-    `sock`: a kept socket (see `_KeptNetfilterSocket`); without one, a socket just for this call.
+    `kept`: the socket to use (see `_KeptNetfilterSocket`); without one, a socket for this call.
+    Replies carry our sequence number; anything else on the socket (left by an earlier failed
+    read) is skipped. A dump that ends with an error (NLMSG_DONE with a negative errno, or
+    NLMSG_ERROR) raises OSError; a truncated or malformed reply raises EPROTO.
     """
-    if sock is None:
-        with _netfilter_socket() as own:
-            return _netfilter_dump(request, reply_type, parse, own)
+    if kept is None:
+        kept = _KeptNetfilterSocket()
+        try:
+            return _netfilter_dump(msg_type, body, reply_type, parse, kept)
+        finally:
+            kept.close()
+    sock, seq = kept.socket_and_seq()
+    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, 0x1 | 0x300, seq, 0) + body
     out: dict[str, str] = {}
+    generations: set[int] = set()
     sock.send(request)
     while True:
         buf = sock.recv(1 << 20)
         offset = 0
         while offset + _NLMSGHDR.size <= len(buf):
-            length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-            if length < _NLMSGHDR.size:
-                raise OSError(errno.EPROTO, "malformed netlink reply")
-            if msg_type == 3:  # NLMSG_DONE
-                return out
-            if msg_type == 2:  # NLMSG_ERROR
-                (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
+            length, rtype, _flags, rseq, _pid = _NLMSGHDR.unpack_from(buf, offset)
+            if length < _NLMSGHDR.size or offset + length > len(buf):
+                raise OSError(errno.EPROTO, "truncated or malformed netlink reply")
+            body_at, msg_end = offset + _NLMSGHDR.size, offset + length
+            offset += (length + 3) & ~3
+            if rseq != seq:
+                continue  # a stale reply to an earlier request on this socket
+            if rtype in (2, 3):  # NLMSG_ERROR, NLMSG_DONE: both end the dump, with an errno
+                if length < _NLMSGHDR.size + 4:
+                    raise OSError(errno.EPROTO, "netlink reply without its error code")
+                (code,) = struct.unpack_from("=i", buf, body_at)
                 if code:
                     raise OSError(-code, os.strerror(-code))
-                return out
-            if reply_type is None or msg_type == reply_type:
-                out.update(parse(buf, offset + _NLMSGHDR.size + 4, offset + length))
-            offset += (length + 3) & ~3
+                return out, generations
+            if reply_type is None or rtype == reply_type:
+                if length < _NLMSGHDR.size + 4:
+                    raise OSError(errno.EPROTO, "netlink reply without its nfgenmsg")
+                generations.add(struct.unpack_from(">H", buf, body_at + 2)[0])
+                out.update(parse(buf, body_at + 4, msg_end))
 
 
 def _netfilter_socket() -> socket.socket:
@@ -674,21 +714,36 @@ class _KeptNetfilterSocket:
     """One raw NETLINK_NETFILTER socket for set reads in the host netns, opened on first use inside a
     host job and kept. Why kept: closing a netfilter socket in a netns where a deleting nf_tables
     transaction ran moments ago waits for an RCU grace period (~15 ms), and on a host that is any
-    moment (our own element deletes, kube-proxy, firewalls). A failed read drops it for a new one."""
+    moment (our own element deletes, kube-proxy, firewalls). Any failed read but the kernel's
+    "no such set" (ENOENT) drops it for a new one, so it can never stay out of step."""
 
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
+        self._seq = 0
 
-    def read(self, fn: Callable[[socket.socket], dict[str, str]]) -> dict[str, str]:
+    def socket_and_seq(self) -> tuple[socket.socket, int]:
         if self._sock is None:
             self._sock = _netfilter_socket()
-        try:
-            return fn(self._sock)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # a kernel "no such set" leaves the socket in sync
-                sock, self._sock = self._sock, None
-                sock.close()
-            raise
+        self._seq = self._seq % 0x7FFFFFFF + 1
+        return self._sock, self._seq
+
+    def read(self, fn: Callable[[_KeptNetfilterSocket], dict[str, str]]) -> dict[str, str]:
+        for attempt in (1, 2):
+            try:
+                return fn(self)
+            except BaseException as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+                    raise
+                self.close()
+                # EBUSY: a dump left unfinished on this socket; a fresh socket has none
+                if not (attempt == 1 and isinstance(exc, OSError) and exc.errno == errno.EBUSY):
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 class IptablesHostProbe(_ProbeBase):
@@ -807,7 +862,7 @@ class IptablesHostProbe(_ProbeBase):
     def _k_read(self, family: int) -> dict[str, str]:
         name = self.config.set_name(family)
         try:
-            return self._reader.read(lambda sock: ipset_list_entries(name, sock))
+            return self._reader.read(lambda kept: ipset_list_entries(name, kept))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return {}
@@ -842,8 +897,8 @@ class _HostNft:
     of the thread that creates it, so it is only ever created and used inside host jobs (`_host`),
     where the worker thread is in the host netns.
 
-    With JSON output on, libnftables parses JSON input first and falls back to nft syntax, so
-    batches (JSON) and `list` commands (text) share one path.
+    With JSON output on, libnftables parses JSON input first and falls back to nft syntax; the
+    probe sends it JSON transactions only (set reads go over raw netlink, `nft_set_entries`).
     """
 
     def __init__(self) -> None:
@@ -902,7 +957,7 @@ class NftHostProbe(_ProbeBase):
     def _k_read(self, family: int) -> dict[str, str]:
         name = self.config.set_name(family)
         try:
-            return self._reader.read(lambda sock: nft_set_entries(self.config.nft_table, name, sock))
+            return self._reader.read(lambda kept: nft_set_entries(self.config.nft_table, name, kept))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return {}

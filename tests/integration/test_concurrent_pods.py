@@ -27,13 +27,14 @@ PROBE_SET_V4 = "istio-inpod-probes-v4"
 
 
 def probe_set(env: Env) -> dict[str, str]:
-    """{ip: uid} of the node's IPv4 probe set, read with the stock tools."""
+    """{ip: uid} of the node's IPv4 probe set, read with the stock tools (which must succeed: an
+    empty answer from a failed command would make the final "nothing left" check pass vacuously)."""
     node = env.node.node_netns
     if env.backend == "nftables":
         argv = ["nft", "-j", "list", "set", "inet", "istio-ambient-nat", PROBE_SET_V4]
-        out = env.node.exec(node, argv).stdout
-        return parse_nft_set_elements(json.loads(out)) if out.strip() else {}
-    out = env.node.exec(node, ["ipset", "list", PROBE_SET_V4]).stdout
+        out = env.node.exec(node, argv, check=True).stdout
+        return parse_nft_set_elements(json.loads(out))
+    out = env.node.exec(node, ["ipset", "list", PROBE_SET_V4], check=True).stdout
     members = out.split("Members:", 1)[1] if "Members:" in out else ""
     entries: dict[str, str] = {}
     for line in members.strip().splitlines():
@@ -53,7 +54,7 @@ def test_concurrent_adds_and_dels(env: Env) -> None:
     # every ADD returned only after its own pod was fully enrolled
     assert all(pod.ip for pod in pods), env.agent.log()
     assert len({pod.ip for pod in pods}) == N_PODS
-    assert {pod.uid for pod in pods} <= set(env.ztunnel.running), env.agent.log()
+    assert {pod.uid for pod in pods} <= env.ztunnel.running_uids(), env.agent.log()
     for pod in pods:
         assert len(env.istio_rules(pod)) == EXPECTED_RULES[env.backend], pod.name
     assert probe_set(env) == {pod.ip: pod.uid for pod in pods}
@@ -62,7 +63,7 @@ def test_concurrent_adds_and_dels(env: Env) -> None:
     with ThreadPoolExecutor(PARALLEL) as pool:
         list(pool.map(env.node.remove_pod, pods))
 
-    assert wait(lambda: not set(env.ztunnel.running) & {pod.uid for pod in pods}), env.agent.log()
+    assert wait(lambda: not env.ztunnel.running_uids() & {pod.uid for pod in pods}), env.agent.log()
     assert probe_set(env) == {}
     assert registry_uids(env) == set()
     assert "Traceback" not in env.agent.log()

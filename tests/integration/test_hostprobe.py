@@ -449,7 +449,8 @@ def test_nft_probe_snat_matches_only_the_kubelet_uid(
 def test_kept_ipset_socket_recovers_from_a_broken_socket(fake_host: tuple[TestNetns, NetnsWorker]) -> None:
     """The iptables probe keeps one ipset netlink socket for the host; if it dies, one call fails
     and the next opens a fresh one (instead of every later ADD failing until a restart). The nft
-    probe's socket lives inside the libnftables context, out of reach of this kind of damage."""
+    probe's write socket lives inside the libnftables context; both probes' raw read socket has
+    its own replacement test (test_hostprobe_pure, the abandoned-read case below)."""
     _host, worker = fake_host
     p = probe(BACKEND_IPTABLES, worker)
     p.install()
@@ -511,6 +512,18 @@ def test_raw_ipset_listing_equals_pyroute2s(fake_host: tuple[TestNetns, NetnsWor
     assert exc.value.errno == errno.ENOENT
 
 
+def _getsetelem_request(table: str, name: str, seq: int) -> bytes:
+    """NFT_MSG_GETSETELEM dump request for an inet table/set."""
+    import struct as _struct
+
+    def nla(kind: int, payload: bytes) -> bytes:
+        ln = 4 + len(payload)
+        return _struct.pack("=HH", ln, kind) + payload + b"\0" * (-ln % 4)
+
+    body = _struct.pack("=BBH", 1, 0, 0) + nla(1, table.encode() + b"\0") + nla(2, name.encode() + b"\0")
+    return _struct.pack("=IHHII", 16 + len(body), (10 << 8) | 13, 0x301, seq, 0) + body
+
+
 def test_raw_nft_set_listing_equals_libnftables(fake_host: tuple[TestNetns, NetnsWorker]) -> None:
     """The nft probe reads its sets over raw netlink; it must see what nft's own listing shows."""
     import json as _json
@@ -533,6 +546,21 @@ def test_raw_nft_set_listing_equals_libnftables(fake_host: tuple[TestNetns, Netn
 
     raw4, raw6 = worker.call_host(lambda: (nft_set_entries("tt", "s4"), nft_set_entries("tt", "s6")))
     assert raw4 == listed("s4") == want4
+
+    def after_an_abandoned_read() -> dict[str, str]:
+        """A kept socket whose last dump was never read to the end (the kernel then refuses a new
+        dump with EBUSY) must still give the right answer: a fresh socket, transparently."""
+        from cni_agent.redirect.hostprobe import _KeptNetfilterSocket
+
+        kept = _KeptNetfilterSocket()
+        sock, seq = kept.socket_and_seq()
+        sock.send(_getsetelem_request("tt", "s6", seq))  # a dump of s6 nobody reads
+        try:
+            return kept.read(lambda k: nft_set_entries("tt", "s4", k))
+        finally:
+            kept.close()
+
+    assert worker.call_host(after_an_abandoned_read) == want4
     assert raw6 == listed("s6") == {"fd00:78::1": "v6 uid é", "fd00:78::2": ""}
     for table, name in (("tt", "absent"), ("no-such-table", "s4")):
         with pytest.raises(OSError) as exc:

@@ -361,23 +361,63 @@ def test_async_variants_share_the_sync_semantics() -> None:
     assert p.entries() == {}
 
 
-def test_kept_netfilter_socket_survives_enoent_and_is_replaced_after_other_errors() -> None:
+def test_kept_netfilter_socket_survives_enoent_and_is_replaced_after_any_other_error() -> None:
+    """A read that failed half-way may leave replies queued: only the kernel's "no such set" keeps
+    the socket; anything else (even a parser bug) replaces it, and sequence numbers move on."""
     import errno as _errno
 
     from cni_agent.redirect.hostprobe import _KeptNetfilterSocket
 
     kept = _KeptNetfilterSocket()
-    seen: list[object] = []
+    seen: list[tuple[object, int]] = []
 
-    def fail(code: int) -> Callable[[object], dict[str, str]]:
-        def read(sock: object) -> dict[str, str]:
-            seen.append(sock)
-            raise OSError(code, "x")
+    def fail(exc: BaseException) -> Callable[[_KeptNetfilterSocket], dict[str, str]]:
+        def read(k: _KeptNetfilterSocket) -> dict[str, str]:
+            seen.append(k.socket_and_seq())
+            raise exc
         return read
 
     with pytest.raises(OSError):
-        kept.read(fail(_errno.ENOENT))  # "no such set": the socket stays
+        kept.read(fail(OSError(_errno.ENOENT, "no such set")))
+    with pytest.raises(KeyError):
+        kept.read(fail(KeyError("parser surprise")))
     with pytest.raises(OSError):
-        kept.read(fail(_errno.EBADF))  # anything else: dropped
-    assert kept.read(lambda sock: {"s": str(id(sock))}) == {"s": str(id(kept._sock))}
-    assert seen[0] is seen[1] and kept._sock is not seen[1]
+        kept.read(fail(OSError(_errno.EBADF, "x")))
+    sock_a, seq_a = seen[0]
+    sock_b, seq_b = seen[1]
+    sock_c, _ = seen[2]
+    assert sock_a is sock_b and seq_b == seq_a + 1  # ENOENT kept the socket
+    assert sock_c is not sock_b  # the KeyError dropped it
+    assert kept._sock is None  # and the EBADF too
+    kept.close()
+
+
+def test_dump_parsers_skip_what_is_not_a_plain_address() -> None:
+    """Interval ends and foreign key sizes in an nft set are not entries; a v4-mapped key read from
+    a v6 set stays a v6 key (unmapping it would make a later delete name the wrong set)."""
+    import socket as _socket
+    import struct as _struct
+
+    from cni_agent.redirect.hostprobe import parse_nft_setelems
+
+    def nla(kind: int, payload: bytes) -> bytes:
+        ln = 4 + len(payload)
+        return _struct.pack("=HH", ln, kind) + payload + b"\0" * (-ln % 4)
+
+    def elem(key: bytes, flags: int = 0, comment: str = "") -> bytes:
+        attrs = nla(1 | 0x8000, nla(1, key))
+        if flags:
+            attrs += nla(3, _struct.pack(">I", flags))
+        if comment:
+            raw = comment.encode() + b"\0"
+            attrs += nla(6, bytes([0, len(raw)]) + raw)
+        return nla(1 | 0x8000, attrs)
+
+    v4 = _socket.inet_pton(_socket.AF_INET, "10.0.0.1")
+    mapped = _socket.inet_pton(_socket.AF_INET6, "::ffff:10.0.0.2")
+    body = nla(3 | 0x8000, elem(v4, comment="uid-1") + elem(v4[:3] + b"\x09", flags=1)
+               + elem(b"\x01\x02") + elem(mapped, comment="m"))
+    import ipaddress as _ipaddress
+
+    mapped_text = str(_ipaddress.IPv6Address("::ffff:10.0.0.2"))  # Python's own spelling, version-proof
+    assert parse_nft_setelems(body, 0, len(body)) == {"10.0.0.1": "uid-1", mapped_text: "m"}
