@@ -541,27 +541,36 @@ def _v6_key(raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
+def _at(buf: bytes, start: int, end: int, *path: int) -> Iterator[tuple[int, int]]:
+    """Payload ranges of the attributes reached by following `path` (one type per nesting level)."""
+    if not path:
+        yield start, end
+        return
+    for kind, a0, a1 in _nlas(buf, start, end):
+        if kind == path[0]:
+            yield from _at(buf, a0, a1, *path[1:])
+
+
+def _address(raw: bytes) -> str:
+    """A 4- or 16-byte set key as text; "" for anything else (not one of our entries)."""
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    return _v6_key(raw) if len(raw) == 16 else ""
+
+
 def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
     """{ip: comment} from one IPSET_CMD_LIST reply message body (pure; attributes after nfgenmsg)."""
     out: dict[str, str] = {}
-    for kind, a0, a1 in _nlas(buf, start, end):
-        if kind != _IPSET_ATTR_ADT:
-            continue
-        for dkind, d0, d1 in _nlas(buf, a0, a1):
-            if dkind != _IPSET_ATTR_DATA:
-                continue
-            ip, comment = "", ""
-            for ekind, e0, e1 in _nlas(buf, d0, d1):
-                if ekind == _IPSET_ATTR_IP:
-                    for ikind, i0, i1 in _nlas(buf, e0, e1):
-                        if ikind == _IPSET_ATTR_IPADDR_IPV4 and i1 - i0 == 4:
-                            ip = socket.inet_ntop(socket.AF_INET, buf[i0:i1])
-                        elif ikind == _IPSET_ATTR_IPADDR_IPV6 and i1 - i0 == 16:
-                            ip = _v6_key(buf[i0:i1])
-                elif ekind == _IPSET_ATTR_COMMENT:
-                    comment = buf[e0:e1].split(b"\0", 1)[0].decode(errors="replace")
-            if ip:
-                out[ip] = comment
+    for d0, d1 in _at(buf, start, end, _IPSET_ATTR_ADT, _IPSET_ATTR_DATA):
+        ip = ""
+        for e0, e1 in _at(buf, d0, d1, _IPSET_ATTR_IP):
+            for kind, i0, i1 in _nlas(buf, e0, e1):
+                if kind in (_IPSET_ATTR_IPADDR_IPV4, _IPSET_ATTR_IPADDR_IPV6):
+                    ip = _address(buf[i0:i1])
+        comment = next((buf[c0:c1].split(b"\0", 1)[0].decode(errors="replace")
+                        for c0, c1 in _at(buf, d0, d1, _IPSET_ATTR_COMMENT)), "")
+        if ip:
+            out[ip] = comment
     return out
 
 
@@ -607,26 +616,15 @@ def parse_nft_setelems(buf: bytes, start: int, end: int) -> dict[str, str]:
     Keys of 4 bytes are IPv4, 16 bytes IPv6; interval ends, catch-all elements (no key) and other
     key sizes are not ours and are skipped."""
     out: dict[str, str] = {}
-    for kind, a0, a1 in _nlas(buf, start, end):
-        if kind != _NFTA_SET_ELEM_LIST_ELEMENTS:
-            continue
-        for lkind, l0, l1 in _nlas(buf, a0, a1):
-            if lkind != _NFTA_LIST_ELEM:
-                continue
-            ip, comment, flags = "", "", 0
-            for ekind, e0, e1 in _nlas(buf, l0, l1):
-                if ekind == _NFTA_SET_ELEM_KEY:
-                    for dkind, d0, d1 in _nlas(buf, e0, e1):
-                        if dkind == _NFTA_DATA_VALUE and d1 - d0 == 4:
-                            ip = socket.inet_ntop(socket.AF_INET, buf[d0:d1])
-                        elif dkind == _NFTA_DATA_VALUE and d1 - d0 == 16:
-                            ip = _v6_key(buf[d0:d1])
-                elif ekind == _NFTA_SET_ELEM_FLAGS and e1 - e0 == 4:
-                    (flags,) = struct.unpack_from(">I", buf, e0)
-                elif ekind == _NFTA_SET_ELEM_USERDATA:
-                    comment = _udata_comment(buf[e0:e1])
-            if ip and not flags & _NFT_SET_ELEM_INTERVAL_END:
-                out[ip] = comment
+    for l0, l1 in _at(buf, start, end, _NFTA_SET_ELEM_LIST_ELEMENTS, _NFTA_LIST_ELEM):
+        keys = _at(buf, l0, l1, _NFTA_SET_ELEM_KEY, _NFTA_DATA_VALUE)
+        ip = next((_address(buf[k0:k1]) for k0, k1 in keys), "")
+        flag_attrs = _at(buf, l0, l1, _NFTA_SET_ELEM_FLAGS)
+        flags = next((struct.unpack_from(">I", buf, f0)[0] for f0, f1 in flag_attrs if f1 - f0 == 4), 0)
+        userdata = _at(buf, l0, l1, _NFTA_SET_ELEM_USERDATA)
+        comment = next((_udata_comment(buf[u0:u1]) for u0, u1 in userdata), "")
+        if ip and not flags & _NFT_SET_ELEM_INTERVAL_END:
+            out[ip] = comment
     return out
 
 
