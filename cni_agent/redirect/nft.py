@@ -56,7 +56,7 @@ from typing import Any, Literal
 import structlog
 
 from cni_agent.redirect.netns import join_main_thread_netns
-from cni_agent.redirect.nftbatch import Batch, delete_batch, fresh_batch
+from cni_agent.redirect.nftbatch import Batch, delete_batch, fresh_batch, replace_batch
 from cni_agent.redirect.rules import (
     NFT_BASE_CHAINS,
     NFT_FAMILY,
@@ -462,30 +462,53 @@ class NftablesBackend:
         return True, None
 
     def _apply_json(self, rulesets: Sequence[RuleSet], present: set[str] | None = None) -> None:
-        """libnftables' JSON transaction: fresh, flush-and-refill, or delete-and-recreate.
+        """Our tables exist (or the fresh batch was not possible): read them through libnftables;
+        identical -> nothing to do. Different -> one precompiled delete-and-recreate batch (e.g. every
+        pod after an upgrade that changed the rules), else libnftables' JSON transaction.
         `present`: our tables here, if the caller just read them (None: read them now)."""
+        replace: Batch | None = None
+        live: dict[str, NftTableState] = {}
         with _Nft(self._mode) as nft:
             if present is None:
                 present = _our_tables_here(self._mode, nft)
-            doc: dict[str, Any] | str = _apply_text(tuple(rulesets), not present)
-            replacing = False
             if present:
-                wanted = nft_wanted_state(rulesets)
                 live = nft_live_state(nft.list("ruleset"))
-                if live == wanted:
+                if live == nft_wanted_state(rulesets):
                     return
-                if not all(_flush_repairs(name, state) for name, state in live.items() if name in wanted):
-                    doc, replacing = nft_replace_json(rulesets), True
+                replace = replace_batch(tuple(rulesets)) if self._precompiled else None
+            if replace is None:
+                self._run_json(nft, rulesets, present, live)
+                return
+        # The listing context is closed by now: it deleted nothing, so that did not wait. The batch
+        # deletes our old tables, so its socket's close is left to the closer thread.
+        try:
+            with _Nfnl() as nl:
+                nl.commit(replace)
+                nl.close_later()
+        except NftRulesError as exc:
+            log.warning("precompiled nft replace not applied; using libnftables", error=str(exc))
+            with _Nft(self._mode) as nft:
+                self._run_json(nft, rulesets, _our_tables_here(self._mode, nft),
+                               nft_live_state(nft.list("ruleset")))
+
+    def _run_json(self, nft: _Nft, rulesets: Sequence[RuleSet], present: set[str],
+                  live: dict[str, NftTableState]) -> None:
+        """libnftables' transaction: fresh, flush-and-refill, or delete-and-recreate."""
+        doc: dict[str, Any] | str = _apply_text(tuple(rulesets), not present)
+        replacing = False
+        if present and not all(_flush_repairs(name, state) for name, state in live.items()
+                               if name in nft_wanted_state(rulesets)):
+            doc, replacing = nft_replace_json(rulesets), True
+        try:
+            nft.run(doc, "apply")
+        except NftRulesError as first:
+            if replacing:
+                raise
+            # e.g. a base chain changed by hand between our read and our write: replace outright
             try:
-                nft.run(doc, "apply")
-            except NftRulesError as first:
-                if replacing:
-                    raise
-                # e.g. a base chain changed by hand between our read and our write: replace outright
-                try:
-                    nft.run(nft_replace_json(rulesets), "apply (delete and recreate)")
-                except NftRulesError as second:
-                    raise NftRulesError(f"{first}; retry with delete+recreate: {second}") from second
+                nft.run(nft_replace_json(rulesets), "apply (delete and recreate)")
+            except NftRulesError as second:
+                raise NftRulesError(f"{first}; retry with delete+recreate: {second}") from second
 
     def matches(self, rulesets: Sequence[RuleSet]) -> bool:
         """True when our tables hold exactly the wanted chains and rules (semantically, via JSON)."""

@@ -398,17 +398,32 @@ def _framed(messages: list[tuple[int, int, int, list[bytes]]]) -> Batch:
     return Batch(b"".join(parts), seq, len(messages))
 
 
-@functools.cache
-def delete_batch() -> Batch:
-    """Spec §8 for nft: `add table` + `delete table` for each of our tables, one transaction, so a
-    missing table is no error. Sent on a raw socket (see `nft.NftablesBackend.remove` for why)."""
+def _delete_messages() -> list[tuple[int, int, int, list[bytes]]]:
     messages: list[tuple[int, int, int, list[bytes]]] = []
     for table in NFT_TABLES:
         messages.append((_nft_type(NFT_MSG_NEWTABLE), NLM_F_REQUEST | NLM_F_CREATE, NFPROTO_INET,
                          [_str(_TABLE_NAME, table), _u32(_TABLE_FLAGS, 0)]))
         messages.append((_nft_type(NFT_MSG_DELTABLE), NLM_F_REQUEST, NFPROTO_INET,
                          [_str(_TABLE_NAME, table)]))
-    return _framed(messages)
+    return messages
+
+
+@functools.lru_cache(maxsize=128)
+def replace_batch(rulesets: tuple[RuleSet, ...]) -> Batch | None:
+    """Delete our tables and create them anew with the rule sets' content, in ONE transaction (no
+    moment without our rules, none with two copies): the repair for a pod whose tables differ.
+    None when the compiler cannot encode the variant."""
+    try:
+        return _framed(_delete_messages() + _batch_messages(rulesets))
+    except (Unsupported, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
+
+
+@functools.cache
+def delete_batch() -> Batch:
+    """Spec §8 for nft: `add table` + `delete table` for each of our tables, one transaction, so a
+    missing table is no error. Sent on a raw socket (see `nft.NftablesBackend.remove` for why)."""
+    return _framed(_delete_messages())
 
 
 def encode_batch(rulesets: Sequence[RuleSet]) -> Batch:

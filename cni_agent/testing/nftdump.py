@@ -16,7 +16,9 @@ from typing import Any
 _NETLINK_NETFILTER = 12
 _SUBSYS = 10
 _GET = {"table": 1, "chain": 4, "rule": 7}
-_HANDLE_ATTR = {"table": 4, "chain": 2, "rule": 3}  # NFTA_TABLE_HANDLE, NFTA_CHAIN_HANDLE, NFTA_RULE_HANDLE
+_HANDLE_ATTRS = {"table": {4}, "chain": {2}, "rule": {3, 6}}
+"""Per-namespace numbering: NFTA_TABLE_HANDLE, NFTA_CHAIN_HANDLE, NFTA_RULE_HANDLE and
+NFTA_RULE_POSITION (the previous rule's handle)."""
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
@@ -51,7 +53,7 @@ def _strip(kind: str, attrs: bytes) -> bytes:
         if length < _NLA.size:
             break
         padded = (length + 3) & ~3
-        if attr_type & 0x3FFF != _HANDLE_ATTR[kind]:
+        if attr_type & 0x3FFF not in _HANDLE_ATTRS[kind]:
             out += attrs[pos:pos + padded]
         pos += padded
     return bytes(out)

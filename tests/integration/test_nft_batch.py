@@ -214,3 +214,28 @@ def test_remove_deletes_exactly_our_tables_and_never_waits_on_the_worker(
     assert closer[0].native_id is not None
     closer_netns = os.stat(f"/proc/self/task/{closer[0].native_id}/ns/net").st_ino
     assert closer_netns == os.stat("/proc/self/ns/net").st_ino
+
+
+@pytest.mark.parametrize("old,new", [("default", "dns-off"), ("dns-off", "ifaces+bypass+dns"),
+                                     ("ifaces", "default")])
+def test_changed_rules_are_replaced_by_one_batch_with_libnftables_result(
+    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch, old: str, new: str
+) -> None:
+    """A pod whose tables hold another variant (e.g. after an upgrade that changed the rules) is
+    repaired by the precompiled delete-and-recreate batch, never through libnftables writes, and
+    ends byte-identical to a fresh libnftables install of the new variant."""
+    rs_old, rs_new = rulesets(SETTINGS[old], (4, 6)), rulesets(SETTINGS[new], (4, 6))
+    reference, pod = new_ns(), new_ns()
+    worker.call(reference.open(), lambda: NftablesBackend(precompiled=False).apply(rs_new))
+    worker.call(pod.open(), lambda: NftablesBackend().apply(rs_old))
+    real_run = nft_mod._Nft.run
+
+    def no_writes(inner: Any, doc: Any, what: str) -> str:
+        raise AssertionError(f"libnftables write on the repair path: {what}")
+
+    monkeypatch.setattr(nft_mod._Nft, "run", no_writes)
+    worker.call(pod.open(), lambda: NftablesBackend().apply(rs_new))
+    monkeypatch.setattr(nft_mod._Nft, "run", real_run)
+    if diff := _diff(_state(worker, reference), _state(worker, pod)):
+        pytest.fail(diff)
+    assert worker.call(pod.open(), lambda: NftablesBackend().matches(rs_new))

@@ -65,8 +65,14 @@ def nft_load(ns: TestNetns, text: str, *, as_json: bool = False) -> None:
     ns.exec(["nft", *(["-j"] if as_json else []), "-f", "-"], input=text, check=True)
 
 
-def apply(worker: NetnsWorker, ns: TestNetns, rulesets: list[RuleSet]) -> None:
-    worker.call(ns.open(), lambda: NftablesBackend().apply(rulesets))
+def apply(worker: NetnsWorker, ns: TestNetns, rulesets: list[RuleSet], *, precompiled: bool = True) -> None:
+    worker.call(ns.open(), lambda: NftablesBackend(precompiled=precompiled).apply(rulesets))
+
+
+# The repair paths exist twice: the precompiled delete-and-recreate batch (default) and libnftables'
+# JSON transaction (variants the compiler refuses); both must be one transaction with the same result.
+REPAIR_PATHS = pytest.mark.parametrize("precompiled,tx_name", [(True, "batch"), (False, "apply")],
+                                       ids=["batch", "libnftables"])
 
 
 def matches(worker: NetnsWorker, ns: TestNetns, rulesets: list[RuleSet]) -> bool:
@@ -164,8 +170,10 @@ def _rule_handles(ns: TestNetns, table: str, chain: str) -> list[tuple[int, str]
     return found
 
 
+@REPAIR_PATHS
 def test_idempotent_drift_repair_atomic(
-    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch
+    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch,
+    precompiled: bool, tx_name: str,
 ) -> None:
     ours, ref = new_ns(), new_ns()
     rulesets = rs_for(RuleSettings(), (4, 6))
@@ -173,9 +181,9 @@ def test_idempotent_drift_repair_atomic(
     want = per_table(listing(ref))
     tx = _TxCounter(monkeypatch)
 
-    apply(worker, ours, rulesets)  # fresh pod: the precompiled batch
-    apply(worker, ours, rulesets)  # second apply: exact match → no write at all
-    assert tx.calls == ["batch"]
+    apply(worker, ours, rulesets, precompiled=precompiled)  # fresh pod
+    apply(worker, ours, rulesets, precompiled=precompiled)  # second apply: exact match → no write at all
+    assert tx.calls == [tx_name]
     assert per_table(listing(ours)) == want
     assert sum(len(v) for v in want.values()) == len(listing(ours))  # one copy of everything
 
@@ -189,14 +197,16 @@ def test_idempotent_drift_repair_atomic(
     assert per_table(listing(ours)) != want
     assert not matches(worker, ours, rulesets)
     tx.calls.clear()
-    apply(worker, ours, rulesets)
-    assert tx.calls == ["apply"]  # ONE transaction replaced the rules
+    apply(worker, ours, rulesets, precompiled=precompiled)
+    assert tx.calls == [tx_name]  # ONE transaction replaced the rules
     assert per_table(listing(ours)) == want
     assert matches(worker, ours, rulesets)
 
 
+@REPAIR_PATHS
 def test_shape_drift_is_replaced_in_one_transaction(
-    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch
+    worker: NetnsWorker, new_ns: NetnsFactory, monkeypatch: pytest.MonkeyPatch,
+    precompiled: bool, tx_name: str,
 ) -> None:
     ours, ref = new_ns(), new_ns()
     rulesets = rs_for(RuleSettings(), (4,))
@@ -210,8 +220,8 @@ def test_shape_drift_is_replaced_in_one_transaction(
     ours.exec(["nft", "add", "set", "inet", "istio-ambient-raw", "s", "{ type ipv4_addr ; }"], check=True)
     assert not matches(worker, ours, rulesets)
     tx = _TxCounter(monkeypatch)
-    apply(worker, ours, rulesets)
-    assert tx.calls == ["apply"]
+    apply(worker, ours, rulesets, precompiled=precompiled)
+    assert tx.calls == [tx_name]
     assert per_table(listing(ours)) == per_table(listing(ref))
 
 
