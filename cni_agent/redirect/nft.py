@@ -32,10 +32,11 @@ probe keeps one for the host netns, see hostprobe.py).
 
 Apply strategy: read the table names first (one raw netlink dump, ~0.03 ms; see `_Nfnl`). Nothing
 of ours (a fresh pod) → the precompiled batch, whose NLM_F_EXCL tables abort it if one appeared
-meanwhile. Ours present → read them through libnftables: identical → no-op (counters kept); only
-rules differ → the spec transaction, which replaces every rule atomically; a shape `flush table`
-cannot repair (a stray chain or set, a base chain with another hook/priority) → one transaction
-that deletes and recreates our tables.
+meanwhile. Ours present → read them through libnftables: identical → no-op (counters kept);
+different → one precompiled batch that deletes our tables and creates them anew (`replace_batch`).
+For variants the compiler refuses, libnftables' JSON: only rules differ → the spec transaction
+(`flush table` + re-add, atomic); a shape `flush table` cannot repair (a stray chain or set, a base
+chain with another hook/priority) → one transaction that deletes and recreates our tables.
 """
 
 from __future__ import annotations
