@@ -46,6 +46,7 @@ import structlog
 from pyroute2 import NetlinkError
 from pyroute2.ipset import IPSet
 
+from cni_agent.redirect import nldump
 from cni_agent.redirect.iptc import RulesError, build_iptc_rule, existing_tables, iptc_session
 from cni_agent.redirect.rules import (
     HOST_CHAIN_POSTRT,
@@ -508,9 +509,7 @@ def _ipset_af(family: int) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
-_NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_IPSET = 6
 _IPSET_CMD_LIST = 7
 _IPSET_PROTOCOL = 6  # the oldest protocol every ipset kernel module still accepts
@@ -657,9 +656,7 @@ def _netfilter_dump(
     Returns the entries and the nfgenmsg res_id values seen (nf_tables: the ruleset generation).
 
     `kept`: the socket to use (see `_KeptNetfilterSocket`); without one, a socket for this call.
-    Replies carry our sequence number; anything else on the socket (left by an earlier failed
-    read) is skipped. A dump that ends with an error (NLMSG_DONE with a negative errno, or
-    NLMSG_ERROR) raises OSError; a truncated or malformed reply raises EPROTO.
+    Errors as `nldump.dump` raises them.
     """
     if kept is None:
         kept = _KeptNetfilterSocket()
@@ -668,44 +665,15 @@ def _netfilter_dump(
         finally:
             kept.close()
     sock, seq = kept.socket_and_seq()
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, 0x1 | 0x300, seq, 0) + body
     out: dict[str, str] = {}
     generations: set[int] = set()
-    sock.send(request)
-    while True:
-        buf = sock.recv(1 << 20)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(buf):
-            length, rtype, _flags, rseq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-            if length < _NLMSGHDR.size or offset + length > len(buf):
-                raise OSError(errno.EPROTO, "truncated or malformed netlink reply")
-            body_at, msg_end = offset + _NLMSGHDR.size, offset + length
-            offset += (length + 3) & ~3
-            if rseq != seq:
-                continue  # a stale reply to an earlier request on this socket
-            if rtype in (2, 3):  # NLMSG_ERROR, NLMSG_DONE: both end the dump, with an errno
-                if length < _NLMSGHDR.size + 4:
-                    raise OSError(errno.EPROTO, "netlink reply without its error code")
-                (code,) = struct.unpack_from("=i", buf, body_at)
-                if code:
-                    raise OSError(-code, os.strerror(-code))
-                return out, generations
-            if reply_type is None or rtype == reply_type:
-                if length < _NLMSGHDR.size + 4:
-                    raise OSError(errno.EPROTO, "netlink reply without its nfgenmsg")
-                generations.add(struct.unpack_from(">H", buf, body_at + 2)[0])
-                out.update(parse(buf, body_at + 4, msg_end))
-
-
-def _netfilter_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER)
-    try:
-        sock.settimeout(5.0)
-        sock.bind((0, 0))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    for rtype, buf, start, end in nldump.dump(sock, msg_type, body, seq):
+        if reply_type is None or rtype == reply_type:
+            if end - start < 4:
+                raise OSError(errno.EPROTO, "netlink reply without its nfgenmsg")
+            generations.add(struct.unpack_from(">H", buf, start + 2)[0])
+            out.update(parse(buf, start + 4, end))
+    return out, generations
 
 
 class _KeptNetfilterSocket:
@@ -721,7 +689,7 @@ class _KeptNetfilterSocket:
 
     def socket_and_seq(self) -> tuple[socket.socket, int]:
         if self._sock is None:
-            self._sock = _netfilter_socket()
+            self._sock = nldump.netfilter_socket()
         self._seq = self._seq % 0x7FFFFFFF + 1
         return self._sock, self._seq
 

@@ -8,21 +8,18 @@ A listing through nft would hide differences nft's printer normalizes; this does
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
 
-_NETLINK_NETFILTER = 12
+from cni_agent.redirect import nldump
+
 _SUBSYS = 10
 _GET = {"table": 1, "chain": 4, "rule": 7}
 _HANDLE_ATTRS = {"table": {4}, "chain": {2}, "rule": {3, 6}}
 """Per-namespace numbering: NFTA_TABLE_HANDLE, NFTA_CHAIN_HANDLE, NFTA_RULE_HANDLE and
 NFTA_RULE_POSITION (the previous rule's handle)."""
-_NLMSGHDR = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _NFPROTO_INET = 1
 
 
@@ -61,28 +58,12 @@ def _strip(kind: str, attrs: bytes) -> bytes:
 
 def dump(kind: str) -> list[Dumped]:
     """All `inet` objects of one kind in the calling thread's netns, in kernel order."""
-    request = _NLMSGHDR.pack(_NLMSGHDR.size + 4, (_SUBSYS << 8) | _GET[kind], _NLM_F_REQUEST | _NLM_F_DUMP,
-                             1, 0) + struct.pack("=BBH", _NFPROTO_INET, 0, 0)
     out: list[Dumped] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER) as sock:
-        sock.settimeout(5)
-        sock.bind((0, 0))
-        sock.send(request)
-        while True:
-            buf = sock.recv(1 << 20)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(buf):
-                length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-                if msg_type == _NLMSG_DONE:
-                    return out
-                if msg_type == _NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
-                    if code:
-                        raise OSError(-code, f"nf_tables {kind} dump")
-                    return out
-                body = buf[offset + _NLMSGHDR.size + 4:offset + length]
-                out.append(Dumped(kind, _strip(kind, body), bytes(buf[offset:offset + length])))
-                offset += (length + 3) & ~3
+    with nldump.netfilter_socket() as sock:
+        for _rtype, buf, start, end in nldump.dump(sock, (_SUBSYS << 8) | _GET[kind],
+                                                     struct.pack("=BBH", _NFPROTO_INET, 0, 0), 1):
+            out.append(Dumped(kind, _strip(kind, buf[start + 4:end]), bytes(buf[start - 16:end])))
+    return out
 
 
 def dump_all() -> dict[str, list[Dumped]]:
