@@ -46,7 +46,7 @@ import structlog
 from pyroute2 import NetlinkError
 from pyroute2.ipset import IPSet
 
-from cni_agent.redirect import nldump
+from cni_agent.redirect import nlattr, nldump
 from cni_agent.redirect.iptc import RulesError, build_iptc_rule, existing_tables, iptc_session
 from cni_agent.redirect.rules import (
     HOST_CHAIN_POSTRT,
@@ -509,29 +509,12 @@ def _ipset_af(family: int) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-_NLA = struct.Struct("=HH")
 _NFNL_SUBSYS_IPSET = 6
 _IPSET_CMD_LIST = 7
 _IPSET_PROTOCOL = 6  # the oldest protocol every ipset kernel module still accepts
 _IPSET_ATTR_PROTOCOL, _IPSET_ATTR_SETNAME, _IPSET_ATTR_DATA, _IPSET_ATTR_ADT = 1, 2, 7, 8
 _IPSET_ATTR_IP, _IPSET_ATTR_COMMENT = 1, 26
 _IPSET_ATTR_IPADDR_IPV4, _IPSET_ATTR_IPADDR_IPV6 = 1, 2
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    length = _NLA.size + len(payload)
-    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _nlas(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type without flags, payload start, payload end) of each attribute in buf[start:end]."""
-    pos = start
-    while pos + _NLA.size <= end:
-        length, kind = _NLA.unpack_from(buf, pos)
-        if length < _NLA.size:
-            return
-        yield kind & 0x3FFF, pos + _NLA.size, min(pos + length, end)
-        pos += (length + 3) & ~3
 
 
 def _v6_key(raw: bytes) -> str:
@@ -545,7 +528,7 @@ def _at(buf: bytes, start: int, end: int, *path: int) -> Iterator[tuple[int, int
     if not path:
         yield start, end
         return
-    for kind, a0, a1 in _nlas(buf, start, end):
+    for kind, a0, a1 in nlattr.walk(buf, start, end):
         if kind == path[0]:
             yield from _at(buf, a0, a1, *path[1:])
 
@@ -563,7 +546,7 @@ def parse_ipset_list(buf: bytes, start: int, end: int) -> dict[str, str]:
     for d0, d1 in _at(buf, start, end, _IPSET_ATTR_ADT, _IPSET_ATTR_DATA):
         ip = ""
         for e0, e1 in _at(buf, d0, d1, _IPSET_ATTR_IP):
-            for kind, i0, i1 in _nlas(buf, e0, e1):
+            for kind, i0, i1 in nlattr.walk(buf, e0, e1):
                 if kind in (_IPSET_ATTR_IPADDR_IPV4, _IPSET_ATTR_IPADDR_IPV6):
                     ip = _address(buf[i0:i1])
         comment = next((buf[c0:c1].split(b"\0", 1)[0].decode(errors="replace")
@@ -581,8 +564,9 @@ def ipset_list_entries(name: str, sock: _KeptNetfilterSocket | None = None) -> d
     (the UID check needs the comments), on the worker that also serves other pods' ADDs. Raises
     OSError with the kernel's errno (ENOENT: no such set).
     """
-    body = (struct.pack("=BBH", socket.AF_INET, 0, 0) + _nla(_IPSET_ATTR_PROTOCOL, bytes([_IPSET_PROTOCOL]))
-            + _nla(_IPSET_ATTR_SETNAME, name.encode() + b"\0"))
+    body = (struct.pack("=BBH", socket.AF_INET, 0, 0)
+            + nlattr.attr(_IPSET_ATTR_PROTOCOL, bytes([_IPSET_PROTOCOL]))
+            + nlattr.attr(_IPSET_ATTR_SETNAME, name.encode() + b"\0"))
     entries, _gens = _netfilter_dump((_NFNL_SUBSYS_IPSET << 8) | _IPSET_CMD_LIST, body, None,
                                      parse_ipset_list, sock)
     return entries
@@ -637,8 +621,8 @@ def nft_set_entries(table: str, name: str, sock: _KeptNetfilterSocket | None = N
     with the kernel's errno (ENOENT: no such table or set; EAGAIN: the set kept changing).
     """
     body = (struct.pack("=BBH", _NFPROTO_INET, 0, 0)
-            + _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-            + _nla(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
+            + nlattr.attr(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            + nlattr.attr(_NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
     for _attempt in range(_DUMP_RETRIES):
         entries, generations = _netfilter_dump(
             (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETSETELEM, body,
@@ -667,7 +651,7 @@ def _netfilter_dump(
     sock, seq = kept.socket_and_seq()
     out: dict[str, str] = {}
     generations: set[int] = set()
-    for rtype, buf, start, end in nldump.dump(sock, msg_type, body, seq):
+    for rtype, buf, start, end in nldump.dump(sock, nldump.dump_request(msg_type, body, seq)):
         if reply_type is None or rtype == reply_type:
             if end - start < 4:
                 raise OSError(errno.EPROTO, "netlink reply without its nfgenmsg")

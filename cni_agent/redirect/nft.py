@@ -48,7 +48,6 @@ import errno
 import functools
 import json
 import os
-import socket
 import struct
 import subprocess
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from typing import Any, Literal
 
 import structlog
 
+from cni_agent.redirect import nlattr, nldump
 from cni_agent.redirect.netns import join_main_thread_netns
 from cni_agent.redirect.nftbatch import Batch, delete_batch, fresh_batch, replace_batch
 from cni_agent.redirect.rules import (
@@ -222,56 +222,34 @@ class _Nft:
         return parsed
 
 
-# --- "any of our tables here?" without libnftables ---------------------------------------------------
+# --- "any of our tables here?" and the precompiled batches, without libnftables ---------------------
 
-_NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10
 _NFT_MSG_NEWTABLE = 0
 _NFT_MSG_GETTABLE = 1
 _NFTA_TABLE_NAME = 1
 _NFPROTO_INET = 1
-_NLM_F_REQUEST = 0x1
-_NLM_F_DUMP = 0x300
-_NLMSG_ERROR = 0x2
-_NLMSG_DONE = 0x3
-_NLMSGHDR = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-_NFGENMSG_LEN = 4
-_DUMP_TIMEOUT = 5.0
-_GETTABLE_INET = _NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG_LEN,
-                                (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETTABLE,
-                                _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + struct.pack("=BBH", _NFPROTO_INET, 0, 0)
+_NFGENMSG_INET = struct.pack("=BBH", _NFPROTO_INET, 0, 0)
+_GETTABLE_INET = nldump.dump_request((_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETTABLE, _NFGENMSG_INET, 1)
 
 
 def _table_name(buf: bytes, offset: int, end: int) -> str | None:
-    """NFTA_TABLE_NAME of one NFT_MSG_NEWTABLE message (attributes after nlmsghdr + nfgenmsg)."""
-    pos = offset + _NLMSGHDR.size + _NFGENMSG_LEN
-    while pos + _NLA.size <= end:
-        nla_len, nla_type = _NLA.unpack_from(buf, pos)
-        if nla_len < _NLA.size:
-            return None
-        if nla_type & 0x3FFF == _NFTA_TABLE_NAME:
+    """NFTA_TABLE_NAME of one NFT_MSG_NEWTABLE message starting at `offset` (its netlink header)."""
+    for kind, a0, a1 in nlattr.walk(buf, offset + nldump.NLMSGHDR.size + len(_NFGENMSG_INET), end):
+        if kind == _NFTA_TABLE_NAME:
             # names are bytes to the kernel; a foreign table's need not be UTF-8 (never one of ours)
-            return buf[pos + _NLA.size:pos + nla_len].split(b"\0", 1)[0].decode(errors="surrogateescape")
-        pos += (nla_len + 3) & ~3
+            return buf[a0:a1].split(b"\0", 1)[0].decode(errors="surrogateescape")
     return None
 
 
 class _Nfnl:
     """One raw NETLINK_NETFILTER socket in the calling thread's netns: the table-name dump and the
-    pre-encoded fresh-pod batch (`nftbatch`), without libnftables. Use as a context manager."""
+    pre-encoded batches (`nftbatch`), without libnftables. Use as a context manager."""
 
     def __init__(self) -> None:
         try:
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                       _NETLINK_NETFILTER)
+            self._sock = nldump.netfilter_socket()
         except OSError as exc:
-            raise NftRulesError(f"netfilter netlink socket: {exc}") from exc
-        try:
-            self._sock.settimeout(_DUMP_TIMEOUT)
-            self._sock.bind((0, 0))
-        except OSError as exc:
-            self._sock.close()
             raise NftRulesError(f"netfilter netlink socket: {exc}") from exc
 
     def __enter__(self) -> _Nfnl:
@@ -295,23 +273,14 @@ class _Nfnl:
         """Names of the `inet` tables here, by one NFT_MSG_GETTABLE dump."""
         names: set[str] = set()
         try:
-            self._sock.send(_GETTABLE_INET)
-            while True:
-                buf = self._sock.recv(65536)
-                for msg_type, offset, length in _messages(buf):
-                    if msg_type == _NLMSG_DONE:
-                        return names
-                    if msg_type == _NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
-                        if code == 0:
-                            return names
-                        raise NftRulesError(f"nft table dump failed: {os.strerror(-code)}")
-                    if msg_type == (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWTABLE:
-                        name = _table_name(buf, offset, offset + length)
-                        if name is not None:
-                            names.add(name)
+            for rtype, buf, start, end in nldump.dump(self._sock, _GETTABLE_INET):
+                if rtype == (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_NEWTABLE:
+                    name = _table_name(buf, start - nldump.NLMSGHDR.size, end)
+                    if name is not None:
+                        names.add(name)
         except OSError as exc:
             raise NftRulesError(f"nft table dump failed: {exc}") from exc
+        return names
 
     def commit(self, batch: Batch) -> None:
         """Send the batch; return once the kernel acked its last message. Raises BatchRejected with
@@ -328,31 +297,17 @@ class _Nfnl:
             self._sock.send(batch.data)
             while True:
                 buf = self._sock.recv(65536)
-                for msg_type, offset, _length in _messages(buf):
-                    if msg_type != _NLMSG_ERROR:
+                for rtype, seq, start, end in nldump.messages(buf):
+                    if rtype != nldump.NLMSG_ERROR:
                         continue
-                    code, = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
-                    seq, = struct.unpack_from("=I", buf, offset + 8)
-                    if code != 0:
-                        raise BatchRejected(-code, f"kernel refused the nft batch (message {seq} of "
-                                                   f"{batch.last_seq}): {os.strerror(-code)}")
+                    code = nldump.error_code(buf, start, end)
+                    if code:
+                        raise BatchRejected(code, f"kernel refused the nft batch (message {seq} of "
+                                                  f"{batch.last_seq}): {os.strerror(code)}")
                     if seq == batch.last_seq:
                         return
         except OSError as exc:
             raise NftRulesError(f"nft batch failed: {exc}") from exc
-
-
-def _messages(buf: bytes) -> list[tuple[int, int, int]]:
-    """(type, offset, length) of each netlink message in one datagram."""
-    out: list[tuple[int, int, int]] = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(buf):
-        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
-        if length < _NLMSGHDR.size:
-            raise NftRulesError("malformed netlink message from the kernel")
-        out.append((msg_type, offset, length))
-        offset += (length + 3) & ~3
-    return out
 
 
 def inet_table_names() -> set[str]:

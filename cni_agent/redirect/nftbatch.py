@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cni_agent.redirect import nlattr
 from cni_agent.redirect.rules import (
     NFT_BASE_CHAINS,
     NFT_REGULAR_CHAINS,
@@ -46,7 +47,6 @@ NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
-NLA_F_NESTED = 0x8000
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
@@ -93,7 +93,6 @@ _IFNAMSIZ = 16
 _CHAIN_POLICY_ACCEPT = 1
 
 _NLMSGHDR = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
 
 
 class Unsupported(ValueError):
@@ -103,33 +102,28 @@ class Unsupported(ValueError):
 # --- attribute encoding ------------------------------------------------------------------------------
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLA.size + len(payload)
-    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _nest(kind: int, *children: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(children))
+    return nlattr.attr(kind | nlattr.NLA_F_NESTED, b"".join(children))
 
 
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack(">I", value))
+    return nlattr.attr(kind, struct.pack(">I", value))
 
 
 def _s32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack(">i", value))
+    return nlattr.attr(kind, struct.pack(">i", value))
 
 
 def _u64(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack(">Q", value))
+    return nlattr.attr(kind, struct.pack(">Q", value))
 
 
 def _str(kind: int, value: str) -> bytes:
-    return _attr(kind, value.encode() + b"\0")
+    return nlattr.attr(kind, value.encode() + b"\0")
 
 
 def _data_value(kind: int, value: bytes) -> bytes:
-    return _nest(kind, _attr(_DATA_VALUE, value))
+    return _nest(kind, nlattr.attr(_DATA_VALUE, value))
 
 
 def _expr(name: str, *attrs: bytes) -> bytes:

@@ -30,31 +30,49 @@ def netfilter_socket(timeout: float = 5.0) -> socket.socket:
     return sock
 
 
-def dump(sock: socket.socket, msg_type: int, body: bytes, seq: int) -> Iterator[tuple[int, bytes, int, int]]:
-    """Send one dump request (`body` starts with the nfgenmsg) and yield (type, buffer, body start,
-    body end) for each reply carrying `seq`; replies with another sequence number (left on a kept
-    socket by an earlier, abandoned request) are skipped.
+def dump_request(msg_type: int, body: bytes, seq: int) -> bytes:
+    """A dump request message (`body` starts with the nfgenmsg)."""
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def dump(sock: socket.socket, request: bytes) -> Iterator[tuple[int, bytes, int, int]]:
+    """Send one dump request (see `dump_request`) and yield (type, buffer, body start, body end) for
+    each reply carrying its sequence number; replies with another one (left on a kept socket by an
+    earlier, abandoned request) are skipped.
 
     Ends at NLMSG_DONE. Raises OSError with the kernel's errno when the dump ends in an error
     (NLMSG_ERROR, or NLMSG_DONE carrying a negative errno), EPROTO for a truncated reply.
     """
-    sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    seq = NLMSGHDR.unpack_from(request)[3]
+    sock.send(request)
     while True:
         buf = sock.recv(1 << 20)
-        offset = 0
-        while offset + NLMSGHDR.size <= len(buf):
-            length, rtype, _flags, rseq, _pid = NLMSGHDR.unpack_from(buf, offset)
-            if length < NLMSGHDR.size or offset + length > len(buf):
-                raise OSError(errno.EPROTO, "truncated or malformed netlink reply")
-            start, end = offset + NLMSGHDR.size, offset + length
-            offset += (length + 3) & ~3
+        for rtype, rseq, start, end in messages(buf):
             if rseq != seq:
                 continue
             if rtype in (NLMSG_ERROR, NLMSG_DONE):  # both end the dump, with an errno
-                if length < NLMSGHDR.size + 4:
-                    raise OSError(errno.EPROTO, "netlink reply without its error code")
-                (code,) = struct.unpack_from("=i", buf, start)
+                code = error_code(buf, start, end)
                 if code:
-                    raise OSError(-code, os.strerror(-code))
+                    raise OSError(code, os.strerror(code))
                 return
             yield rtype, buf, start, end
+
+
+def messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, sequence number, body start, body end) of each netlink message in one datagram;
+    EPROTO for a truncated one."""
+    offset = 0
+    while offset + NLMSGHDR.size <= len(buf):
+        length, rtype, _flags, rseq, _pid = NLMSGHDR.unpack_from(buf, offset)
+        if length < NLMSGHDR.size or offset + length > len(buf):
+            raise OSError(errno.EPROTO, "truncated or malformed netlink reply")
+        yield rtype, rseq, offset + NLMSGHDR.size, offset + length
+        offset += (length + 3) & ~3
+
+
+def error_code(buf: bytes, start: int, end: int) -> int:
+    """The errno of an NLMSG_ERROR / NLMSG_DONE body (0: success), as a positive number."""
+    if end - start < 4:
+        raise OSError(errno.EPROTO, "netlink reply without its error code")
+    (code,) = struct.unpack_from("=i", buf, start)
+    return -int(code)

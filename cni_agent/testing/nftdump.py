@@ -60,8 +60,9 @@ def dump(kind: str) -> list[Dumped]:
     """All `inet` objects of one kind in the calling thread's netns, in kernel order."""
     out: list[Dumped] = []
     with nldump.netfilter_socket() as sock:
-        for _rtype, buf, start, end in nldump.dump(sock, (_SUBSYS << 8) | _GET[kind],
-                                                     struct.pack("=BBH", _NFPROTO_INET, 0, 0), 1):
+        nfgenmsg = struct.pack("=BBH", _NFPROTO_INET, 0, 0)
+        request = nldump.dump_request((_SUBSYS << 8) | _GET[kind], nfgenmsg, 1)
+        for _rtype, buf, start, end in nldump.dump(sock, request):
             out.append(Dumped(kind, _strip(kind, buf[start + 4:end]), bytes(buf[start - 16:end])))
     return out
 
