@@ -25,16 +25,15 @@ from pyroute2 import NetlinkError
 from cni_agent.redirect.iptc import (
     IptablesLegacyBackend,
     RulesError,
-    existing_tables,
     iptc_session,
     legacy_tables_present,
+    our_tables_here,
 )
 from cni_agent.redirect.netns import NetnsError, NetnsWorker, netns_identity
 from cni_agent.redirect.nft import NftablesBackend, NftRulesError
 from cni_agent.redirect.routes import RoutesError, apply_routes, remove_routes, routes_present
 from cni_agent.redirect.rules import (
     OUR_CHAINS,
-    OUR_TABLES,
     RuleSet,
     RuleSettings,
     cached_ruleset,
@@ -123,7 +122,7 @@ def _other_present(backend_name: str) -> bool:
     if not _legacy_tables_present():
         return False
     for family in (4, 6):  # a legacy table exists; ours only if one of our chains is in it
-        here = existing_tables(family) & set(OUR_TABLES)
+        here = our_tables_here(family)
         if not here:
             continue
         try:

@@ -299,6 +299,11 @@ def _holds_ours(table: Any) -> bool:
     return any(table.is_chain(c) and iptc.Chain(table, c).rules for c in OUR_CHAINS)
 
 
+def our_tables_here(family: int) -> frozenset[str]:
+    """Which of our tables (mangle, nat, raw) exist here: the ones to open for reading or cleaning."""
+    return existing_tables(family) & frozenset(OUR_TABLES)
+
+
 def legacy_tables_present(family: int) -> bool:
     """Any legacy x_tables table of `family` in the calling thread's netns (never creates one)."""
     return bool(existing_tables(family))
@@ -318,7 +323,7 @@ class IptablesLegacyBackend:
         """
         for rs in rulesets:
             # the tables our rules need, plus ours already here (leftovers to clean, e.g. raw)
-            names = set(rs.tables()) | (existing_tables(rs.family) & set(OUR_TABLES))
+            names = set(rs.tables()) | our_tables_here(rs.family)
             with iptc_session(rs.family, names) as tables:
                 planned: list[tuple[str, Any]] = []
                 for tname in OUR_TABLES:
@@ -344,7 +349,7 @@ class IptablesLegacyBackend:
         A family without a rule set (IPv6 while IPv6 is off) must hold nothing of ours.
         """
         for rs in rulesets:
-            here = existing_tables(rs.family) & set(OUR_TABLES)
+            here = our_tables_here(rs.family)
             if not set(rs.tables()) <= here:
                 return False  # looking would create the missing table
             with iptc_session(rs.family, here) as tables:
@@ -357,7 +362,7 @@ class IptablesLegacyBackend:
                     if not self._table_matches(table, rs, tname):
                         return False
         for family in (4, 6):
-            here = existing_tables(family) & set(OUR_TABLES)
+            here = our_tables_here(family)
             if family in families_of(rulesets) or not here:
                 continue
             with iptc_session(family, here) as tables:
@@ -372,7 +377,7 @@ class IptablesLegacyBackend:
         opening its tables would create them.
         """
         for family in families:
-            here = existing_tables(family) & set(OUR_TABLES)
+            here = our_tables_here(family)
             if not here:
                 continue
             with iptc_session(family, here) as tables:

@@ -452,8 +452,8 @@ class NftablesBackend:
         """libnftables' transaction: fresh, flush-and-refill, or delete-and-recreate."""
         doc: dict[str, Any] | str = _apply_text(tuple(rulesets), not present)
         replacing = False
-        if present and not all(_flush_repairs(name, state) for name, state in live.items()
-                               if name in nft_wanted_state(rulesets)):
+        wanted = nft_wanted_state(rulesets)
+        if present and not all(_flush_repairs(name, state) for name, state in live.items() if name in wanted):
             doc, replacing = nft_replace_json(rulesets), True
         try:
             nft.run(doc, "apply")

@@ -546,7 +546,7 @@ def _nft_parts(rule: Rule, family: int) -> tuple[_Part, ...]:
             raise ValueError(f"row {row} rule has no chain jump: {rule.render()!r}")
         return (_p_jump(NFT_CHAIN_OF[target]),)
     if row == 7:
-        ifname = rule.spec[rule.spec.index("-i") + 1]
+        ifname = _option(rule, "-i")
         verdict = _p_return() if _target_of(rule.spec) == "RETURN" else _p_redirect(OUTBOUND_PORT)
         return (_p_ifname("iifname", ifname), _p_tcp(), _p_counter(), verdict)
 
