@@ -84,6 +84,12 @@ def steps_variant(worker: NetnsWorker, backend: RulesBackend, rs: RuleSet) -> Va
             parts[key] = parts.get(key, 0.0) + _ms(t0, time.perf_counter())
         return parts
 
+    return _on_worker(worker, job)
+
+
+def _on_worker(worker: NetnsWorker, job: Callable[[], Parts]) -> Variant:
+    """Run `job` in the sample's netns on the worker; `total` as the caller sees it (incl. hand-off)."""
+
     def run(fd: int) -> Parts:
         t0 = time.perf_counter()
         parts = worker.call(fd, job)
@@ -155,13 +161,7 @@ def istio_variant(worker: NetnsWorker, rs: RuleSet) -> Variant:
         t3 = time.perf_counter()
         return {"routes": _ms(t1, t2), "rules": _ms(t0, t1) + _ms(t2, t3)}
 
-    def run(fd: int) -> Parts:
-        t0 = time.perf_counter()
-        parts = worker.call(fd, job)
-        parts["total"] = _ms(t0, time.perf_counter())
-        return parts
-
-    return run
+    return _on_worker(worker, job)
 
 
 def measure(variants: dict[str, Variant], n: int, warmup: int = WARMUP) -> dict[str, list[Parts]]:
